@@ -1,0 +1,225 @@
+"""The Python API: open a model, compute logits, generate.
+
+    import glmc
+    model = glmc.load("CKPT")                          # a SAT checkpoint; glmc.load() = embedded model
+    logits, cache = model.logits(tokens, position_ids, attention_mask)
+    logits, cache = model.logits(next_tokens, next_positions, next_mask, cache)
+    result = model.generate("Tsinghua University is in [MASK].", glmc.BeamSearchStrategy(num_beams=4))
+    print(result.answers[0])
+
+Conventions are SAT's: token and position ids [batch, seq]; the attention mask is
+boolean [batch, 1, seq, past + seq] with True = masked out.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from glmc import backends
+from glmc.config import GLMConfig, Mapping, from_name
+from glmc.errors import GlmcError
+from glmc.generation.filling import Filled, Prompt, fill_blanks, prompt_from_ids, prompt_from_text
+from glmc.generation.strategies import BaseStrategy
+from glmc.tokenizer import GLM130B_SPECIAL_TOKENS, IceTokenizer, SpecialTokens
+
+EMBEDDED_DEFAULT = Path(__file__).parent / "embedded" / "default"
+ICETK_MODEL = Path("~/.icetk_models/ice_text.model")
+
+UNDERLINE, GREEN, RESET = "\033[4m", "\x1b[0;32m", "\033[0m"
+
+
+@dataclass
+class Generation:
+    """The result for one prompt. Lists run over beams, best first (one entry without beam search)."""
+
+    input_text: str | None  # the prompt as GLM-130B echoes it ("... [gMASK]" appended when it had no mask)
+    token_ids: list[list[int]]  # final sequences, blanks in place of their masks, trailing eos dropped
+    blank_ids: list[list[list[int]]]  # per beam, each blank's ids in order
+    answers: list[str] | None  # detokenized token_ids (None without a tokenizer)
+    blanks: list[list[str]] | None  # detokenized blanks
+    scores: list[float | None]  # length-penalised beam scores (None for sampling)
+    _segments: list[list[tuple[str, bool]]] | None = None
+    _gmask: bool = True
+
+    def styled(self, beam: int = 0, ansi: bool = True) -> str:
+        """GLM-130B's printed form: blanks underlined (green for [MASK]/[sMASK])."""
+        if self._segments is None:
+            raise GlmcError("styled output needs a tokenizer")
+        english = _is_english(self.input_text or "")
+        out = []
+        for text, is_blank in self._segments[beam]:
+            if not is_blank:
+                out.append(text)
+                continue
+            pad = " " if english else ""
+            if ansi:
+                start = UNDERLINE if self._gmask else GREEN + UNDERLINE
+                end = RESET if self._gmask else RESET + "\x1b[0m"
+                out.append(f"{pad}{start}{text}{end}{pad}")
+            else:
+                out.append(f"{pad}{text}{pad}")
+        return "".join(out)
+
+
+def _is_english(text: str) -> bool:
+    return text.isascii()
+
+
+class GLM:
+    """A model ready to run: an Executable, its config, command ids and (optionally) tokenizer."""
+
+    def __init__(self, executable, config: GLMConfig, special: SpecialTokens | None,
+                 tokenizer: IceTokenizer | None = None, device: str = "cpu"):
+        self.executable, self.config, self.special = executable, config, special
+        self.tokenizer, self.device = tokenizer, device
+
+    # (a) logits ------------------------------------------------------------------------------
+    def logits(self, tokens, position_ids, attention_mask, cache=None) -> tuple[torch.Tensor, object]:
+        """Logits [batch, seq, vocab] for `tokens`, after `cache` if given; returns the extended cache."""
+        tokens = _as_batch(tokens, torch.long, "tokens")
+        position_ids = _as_batch(position_ids, torch.long, "position_ids")
+        mask = torch.as_tensor(attention_mask)
+        if mask.dtype != torch.bool:
+            raise GlmcError("attention_mask must be boolean (True = masked out), as in SAT")
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        if tokens.shape != position_ids.shape:
+            raise GlmcError(f"tokens {list(tokens.shape)} and position_ids {list(position_ids.shape)} differ")
+        past = 0 if cache is None else _cache_length(cache)
+        if mask.shape[-2:] != (tokens.shape[1], past + tokens.shape[1]):
+            raise GlmcError(f"attention_mask must end in [{tokens.shape[1]}, {past + tokens.shape[1]}] "
+                            f"(new tokens x cached + new), got {list(mask.shape)}")
+        if int(position_ids.max()) >= self.config.max_sequence_length or int(position_ids.min()) < 0:
+            raise GlmcError(f"position ids must lie in [0, {self.config.max_sequence_length})")
+        if int(tokens.max()) >= self.config.vocab_size or int(tokens.min()) < 0:
+            raise GlmcError(f"token ids must lie in [0, {self.config.vocab_size})")
+        args = (tokens.to(self.device), position_ids.to(self.device), mask.to(self.device))
+        if cache is None:
+            logits, cache = self.executable.prefill(*args, last_only=False)
+        else:
+            logits, cache = self.executable.decode(*args, cache)
+        return logits.float(), cache
+
+    # (b) generation --------------------------------------------------------------------------
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], strategy=None, *,
+                 out_seq_length: int = 256,
+                 on_step: Callable[[int, list[int]], None] | None = None) -> Generation | list[Generation]:
+        """Fill the blanks of one prompt (text or token ids) or of a list of them, batched.
+
+        `out_seq_length` is GLM-130B's: the total length of context plus blank.
+        """
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        items = [prompts] if single else list(prompts)
+        strategy = strategy if strategy is not None else BaseStrategy()
+        built = [self.prompt(p) for p in items]
+        filled = fill_blanks(self.executable, built, strategy, self._special(), out_seq_length=out_seq_length,
+                             max_sequence_length=self.config.max_sequence_length, device=self.device,
+                             on_step=on_step)
+        results = [self._result(p, f) for p, f in zip(built, filled)]
+        return results[0] if single else results
+
+    def prompt(self, prompt: str | Sequence[int]) -> Prompt:
+        if isinstance(prompt, str):
+            return prompt_from_text(prompt, self._tokenizer().tokenize, self._special())
+        ids = [int(i) for i in prompt]
+        if any(not 0 <= i < self.config.vocab_size for i in ids):
+            raise GlmcError(f"prompt token ids must lie in [0, {self.config.vocab_size})")
+        return prompt_from_ids(ids, self._special())
+
+    def _result(self, prompt: Prompt, filled: Filled) -> Generation:
+        tok = self.tokenizer
+        decode = tok.detokenize if tok is not None else None
+        return Generation(
+            input_text=prompt.text,
+            token_ids=filled.token_ids,
+            blank_ids=filled.blanks,
+            answers=[decode(t) for t in filled.token_ids] if decode else None,
+            blanks=[[decode(b) for b in beam] for beam in filled.blanks] if decode else None,
+            scores=filled.scores,
+            _segments=([[(decode(ids), is_blank) for ids, is_blank in beam] for beam in filled.segments]
+                       if decode else None),
+            _gmask=prompt.gmask,
+        )
+
+    def _tokenizer(self) -> IceTokenizer:
+        if self.tokenizer is None:
+            raise GlmcError("this model has no tokenizer: pass --tokenizer FILE (icetk's ice_text.model) "
+                            "or give prompts as token ids")
+        return self.tokenizer
+
+    def _special(self) -> SpecialTokens:
+        if self.special is None:
+            raise GlmcError("the command token ids of this model are unknown: pass a tokenizer or "
+                            "special_tokens")
+        return self.special
+
+
+def _as_batch(values, dtype, name) -> torch.Tensor:
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if tensor.dim() == 1:
+        tensor = tensor.unsqueeze(0)
+    if tensor.dim() != 2:
+        raise GlmcError(f"{name} must be [batch, seq], got shape {list(tensor.shape)}")
+    return tensor
+
+
+def _cache_length(cache) -> int:
+    return int(cache[0][0].shape[2])
+
+
+def load(
+    path: str | os.PathLike | None = None,
+    *,
+    backend: str = "torch",
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    config: str | GLMConfig | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    tokenizer_variant: str | None = None,
+    special_tokens: SpecialTokens | None = None,
+) -> GLM:
+    """Open a SAT checkpoint (the embedded default model when `path` is None) on a backend."""
+    from glmc.checkpoint import SatCheckpoint
+
+    root = Path(path) if path is not None else EMBEDDED_DEFAULT
+    model_config = from_name(config) if isinstance(config, str) else config
+    ckpt = SatCheckpoint.open(root, model_config)
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    executable = backends.compile(backend, ckpt, Mapping(), backends.CompileOptions(dtype=dtype, device=device))
+    tok = resolve_tokenizer(ckpt, tokenizer, tokenizer_variant)
+    special = special_tokens or _special_from_metadata(ckpt.metadata) or (tok.special if tok else None)
+    if special is None and ckpt.config.vocab_size > GLM130B_SPECIAL_TOKENS.dblock:
+        special = GLM130B_SPECIAL_TOKENS
+    return GLM(executable, ckpt.config, special, tok, device)
+
+
+def resolve_tokenizer(ckpt, path, variant) -> IceTokenizer | None:
+    """An explicit file, else the one named in model_config.json, else icetk's usual place for GLM-130B."""
+    section = ckpt.metadata.get("tokenizer", {}) or {}
+    variant = variant or section.get("variant", "icetk")
+    offset = int(section.get("text_offset", 20000))
+    command_base = section.get("command_base")
+    if path is not None:
+        return IceTokenizer(path, text_offset=offset, command_base=command_base, variant=variant)
+    if "model" in section:
+        return IceTokenizer(ckpt.root / section["model"], text_offset=offset, command_base=command_base,
+                            variant=variant)
+    if ckpt.config.vocab_size >= GLM130B_SPECIAL_TOKENS.dblock + 1 and ICETK_MODEL.expanduser().is_file():
+        return IceTokenizer(ICETK_MODEL, variant=variant, command_base=GLM130B_SPECIAL_TOKENS.mask)
+    return None
+
+
+def _special_from_metadata(metadata) -> SpecialTokens | None:
+    ids = metadata.get("special_tokens")
+    if not ids:
+        return None
+    try:
+        return SpecialTokens.from_dict(ids)
+    except (KeyError, TypeError, ValueError) as error:
+        raise GlmcError(f"model_config.json: bad glmc.special_tokens ({error})") from None

@@ -1,0 +1,50 @@
+"""The `glmc` command line. Only this package reads the environment and prints."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from glmc import __version__
+from glmc.errors import GlmcError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="glmc")
+def cli() -> None:
+    """glmc runs GLM-130B-class models faithfully and fast.
+
+    \b
+    Commands:
+      run       fill blanks ([MASK], [sMASK], [gMASK]) and generate text
+      convert   change the tensor-parallel degree of a SAT checkpoint, optionally quantize
+      inspect   validate a SAT checkpoint and describe it
+
+    Run `glmc COMMAND --help` for each command's options.
+    """
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line on stderr and exit status 1."""
+    from glmc.cli import convert, inspect, run  # noqa: F401  (registers the commands)
+
+    try:
+        cli.main(args=argv, prog_name="glmc", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("glmc: interrupted", err=True)
+        return 130
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except GlmcError as error:
+        click.echo(f"glmc: error: {error}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo("glmc: interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

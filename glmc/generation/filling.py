@@ -1,0 +1,267 @@
+"""GLM blank filling on a KV cache: GLM-130B's generate.py and batch_filling_sequence.
+
+For each blank, left to right: the input is the sequence so far plus `sop`. The
+context before `sop` attends bidirectionally; `sop` and the generated tokens are
+causal. Positions count up, except for `[MASK]`/`[sMASK]`, where `sop` and every
+generated token take the mask's position. Generation stops at an end token or at
+the length limit; the blank replaces its mask and the next mask is filled.
+
+Prompts of a batch are left-padded so that every row's `sop` sits in the last
+column; padding is masked out and takes position 0, so each row computes what it
+would alone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from glmc.errors import PromptError
+from glmc.generation.strategies import Beam, Tokens
+from glmc.tokenizer.special import SpecialTokens
+
+MASK_PATTERN = re.compile(r"\[[sg]?MASK\]")
+
+
+class Executable(Protocol):
+    """What generation needs from a backend (see glmc.backends)."""
+
+    def prefill(self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                *, last_only: bool = True) -> tuple[torch.Tensor, object]: ...
+
+    def decode(self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+               cache: object) -> tuple[torch.Tensor, object]: ...
+
+    def reorder_cache(self, cache: object, index: torch.Tensor) -> object: ...
+
+
+class Strategy(Protocol):
+    num_beams: int
+    is_done: bool
+
+    def start(self, batch_size: int, end_tokens: tuple[int, ...]) -> None: ...
+
+    def step(self, logits: torch.Tensor, tokens: Tokens) -> tuple[Tokens, list[int]]: ...
+
+    def stop_row(self, row: int, tokens: Tokens) -> None: ...
+
+    def finalize(self, tokens: Tokens) -> list[list[Beam]]: ...
+
+
+@dataclass(frozen=True)
+class BlankRequest:
+    context: list[int]  # the sequence with its masks, then sop
+    mask_position: int  # index of the mask being filled
+    gmask: bool  # positions count on ([gMASK]) or stay at the mask ([MASK], [sMASK])
+    max_new_tokens: int
+
+
+def blank_position_ids(request: BlankRequest, steps: int) -> list[int]:
+    """Positions of the context and of `steps` generated tokens (generate.py's rule)."""
+    n = len(request.context)
+    positions = list(range(n + steps))
+    if not request.gmask:
+        positions[n - 1:] = [request.mask_position] * (steps + 1)
+    return positions
+
+
+def blank_attention_mask(context_length: int, total_length: int) -> torch.Tensor:
+    """[total, total] bool, True = masked: causal, plus the whole context before sop visible to all."""
+    visible = torch.ones(total_length, total_length, dtype=torch.bool).tril()
+    visible[:, : context_length - 1] = True
+    return ~visible
+
+
+def generate_blanks(
+    executable: Executable,
+    requests: list[BlankRequest],
+    strategy: Strategy,
+    special: SpecialTokens,
+    *,
+    device: torch.device | str = "cpu",
+    on_step: Callable[[Tokens], None] | None = None,
+) -> list[list[Beam]]:
+    """Generate one blank for each request, batched; per request the beams, best first."""
+    batch = len(requests)
+    width = max(len(r.context) for r in requests)
+    pads = [width - len(r.context) for r in requests]
+    pad_id = special.eos  # any valid id: padding is masked out
+
+    tokens = torch.tensor([[pad_id] * p + r.context for p, r in zip(pads, requests)])
+    positions = torch.tensor([[0] * p + blank_position_ids(r, 0) for p, r in zip(pads, requests)])
+    mask = torch.ones(batch, 1, width, width, dtype=torch.bool)
+    for row, (p, r) in enumerate(zip(pads, requests)):
+        mask[row, 0, p:, p:] = blank_attention_mask(len(r.context), len(r.context))
+        mask[row, 0, :p, p:p + len(r.context) - 1] = False  # padding rows see the context: no empty softmax
+    key_is_pad = torch.tensor([[True] * p + [False] * len(r.context) for p, r in zip(pads, requests)])
+
+    strategy.start(batch, special.end_tokens)
+    logits, cache = executable.prefill(tokens.to(device), positions.to(device), mask.to(device), last_only=True)
+    beams: Tokens = [[list(r.context)] for r in requests]
+    steps = 0
+    while True:
+        num_beams = len(beams[0])
+        beams, parents = strategy.step(logits.reshape(batch, num_beams, -1).cpu(), beams)
+        steps += 1
+        if on_step is not None:
+            on_step(beams)
+        if parents != list(range(len(parents))):
+            cache = executable.reorder_cache(cache, torch.tensor(parents, device=device))
+        for row, request in enumerate(requests):
+            if steps >= request.max_new_tokens:
+                strategy.stop_row(row, beams)
+        if strategy.is_done:
+            break
+        num_beams = len(beams[0])
+        last = torch.tensor([[seq[-1] if seq[-1] >= 0 else pad_id] for row in beams for seq in row])
+        step_positions = torch.tensor([[blank_position_ids(r, steps)[-1]] for r in requests])
+        key_is_pad = torch.cat((key_is_pad, torch.zeros(batch, 1, dtype=torch.bool)), dim=1)
+        step_mask = key_is_pad[:, None, None, :]  # [batch, 1, 1, keys]
+        logits, cache = executable.decode(
+            last.to(device),
+            step_positions.repeat_interleave(num_beams, dim=0).to(device),
+            step_mask.repeat_interleave(num_beams, dim=0).to(device),
+            cache,
+        )
+    return strategy.finalize(beams)
+
+
+@dataclass
+class Prompt:
+    """A prompt ready to fill: its ids and which mask kind generation uses."""
+
+    ids: list[int]
+    mask_id: int  # the mask kind filled: [MASK] if present, else [sMASK], else [gMASK]
+    gmask: bool  # no [MASK]/[sMASK] anywhere: positions count on
+    text: str | None = None  # the raw text as GLM-130B echoes it (with " [gMASK]" appended)
+
+
+def prompt_from_text(raw_text: str, tokenize: Callable[[str], list[int]], special: SpecialTokens) -> Prompt:
+    """generate.py's fill_blanks preamble: tokenize around masks, append [gMASK] and eos as needed."""
+    mask_name = "[MASK]" if "[MASK]" in raw_text else "[sMASK]" if "[sMASK]" in raw_text else "[gMASK]"
+    gmask = "[MASK]" not in raw_text and "[sMASK]" not in raw_text
+    pieces = MASK_PATTERN.split(raw_text)
+    ids: list[int] = []
+    for text, mask in zip(pieces, MASK_PATTERN.findall(raw_text)):
+        ids += tokenize(text) + [special.command(mask)]
+    ids += tokenize(pieces[-1])
+    if "MASK]" not in raw_text:
+        ids.append(special.gmask)
+        raw_text += " [gMASK]"
+    if not raw_text.endswith("MASK]"):
+        ids.append(special.eos)
+    return Prompt(ids, special.command(mask_name), gmask, raw_text)
+
+
+def prompt_from_ids(ids: list[int], special: SpecialTokens) -> Prompt:
+    """The same rules for a prompt given as token ids."""
+    ids = list(ids)
+    masks = (special.mask, special.smask, special.gmask)
+    mask_id = special.mask if special.mask in ids else special.smask if special.smask in ids else special.gmask
+    gmask = special.mask not in ids and special.smask not in ids
+    if not any(i in masks for i in ids):
+        ids.append(special.gmask)
+    if ids[-1] not in masks:
+        ids.append(special.eos)
+    return Prompt(ids, mask_id, gmask)
+
+
+@dataclass
+class Filled:
+    """One prompt's result: per beam (one without beam search), best first."""
+
+    token_ids: list[list[int]]  # the final sequences, blanks in place of their masks
+    blanks: list[list[list[int]]]  # per beam, the ids of each blank in order
+    segments: list[list[tuple[list[int], bool]]] = field(default_factory=list)  # (ids, is_blank) runs
+    scores: list[float | None] = field(default_factory=list)
+
+
+def fill_blanks(
+    executable: Executable,
+    prompts: list[Prompt],
+    strategy: Strategy,
+    special: SpecialTokens,
+    *,
+    out_seq_length: int,
+    max_sequence_length: int,
+    device: torch.device | str = "cpu",
+    on_step: Callable[[int, list[int]], None] | None = None,
+) -> list[Filled]:
+    """Fill every mask of every prompt, left to right, prompts batched per round.
+
+    `on_step(prompt_index, blank_ids)` sees the best beam's blank after every step.
+    """
+    if out_seq_length > max_sequence_length:
+        raise PromptError(f"--out-seq-length {out_seq_length} exceeds the model's maximum sequence "
+                          f"length {max_sequence_length}")
+    for index, prompt in enumerate(prompts):
+        if len(prompt.ids) > max_sequence_length:
+            raise PromptError(f"prompt {index + 1} is {len(prompt.ids)} tokens long; the model takes at "
+                              f"most {max_sequence_length}")
+    states = [_FillState(p, strategy.num_beams) for p in prompts]
+    while active := [s for s in states if s.prompt.mask_id in s.outputs[0]]:
+        requests = []
+        for state in active:
+            seq = state.outputs[0]
+            context = seq + [special.sop]
+            room = out_seq_length - len(context)
+            if room <= 0:
+                raise PromptError(
+                    f"prompt {states.index(state) + 1} is {len(context)} tokens long with its sop; "
+                    f"--out-seq-length {out_seq_length} (the total length) leaves no room to generate")
+            requests.append(BlankRequest(context, seq.index(state.prompt.mask_id), state.prompt.gmask, room))
+        step_hook = None
+        if on_step is not None:
+            rows = [states.index(s) for s in active]
+
+            def step_hook(beams: Tokens) -> None:  # the best beam's blank so far, per prompt
+                for r, request in enumerate(requests):
+                    on_step(rows[r], beams[r][0][len(request.context):])
+        results = generate_blanks(executable, requests, strategy, special, device=device, on_step=step_hook)
+        for state, request, beams in zip(active, requests, results):
+            state.absorb(request, beams, special)
+    return [s.result(special) for s in states]
+
+
+class _FillState:
+    """generate.py's bookkeeping for one prompt across its blanks."""
+
+    def __init__(self, prompt: Prompt, num_beams: int):
+        self.prompt = prompt
+        self.outputs: list[list[int]] = [list(prompt.ids)]
+        self.last_pos = [0] * num_beams
+        self.segments: list[list[tuple[list[int], bool]]] = [[] for _ in range(num_beams)]
+        self.blanks: list[list[list[int]]] = [[] for _ in range(num_beams)]
+        self.scores: list[float | None] = [None]
+
+    def absorb(self, request: BlankRequest, beams: list[Beam], special: SpecialTokens) -> None:
+        sop_index = len(request.context) - 1
+        mask_position = request.mask_position
+        self.outputs, self.scores = [], []
+        for i, beam in enumerate(beams):
+            output = beam.tokens
+            end = output.index(-1) if -1 in output else len(output)
+            if output[end - 1] in special.end_tokens:
+                end -= 1
+            blank = output[sop_index + 1:end]
+            if i >= len(self.segments):  # more beams than the first round had
+                self.segments.append([])
+                self.blanks.append([])
+                self.last_pos.append(0)
+            self.segments[i] += [(output[self.last_pos[i]:mask_position], False), (blank, True)]
+            self.blanks[i].append(blank)
+            self.last_pos[i] = mask_position + len(blank)
+            self.outputs.append(output[:mask_position] + blank + output[mask_position + 1:sop_index])
+            self.scores.append(beam.score)
+
+    def result(self, special: SpecialTokens) -> Filled:
+        token_ids, segments = [], []
+        for i, output in enumerate(self.outputs):
+            if output and output[-1] == special.eos:
+                output = output[:-1]
+            token_ids.append(output)
+            segments.append(self.segments[i] + [(output[self.last_pos[i]:], False)])
+        return Filled(token_ids, self.blanks[: len(self.outputs)], segments, self.scores)

@@ -1,0 +1,5 @@
+"""The PyTorch reference model (also the training model)."""
+
+from glmc.model.transformer import GLMModel, KVCache, ModelOutput
+
+__all__ = ["GLMModel", "KVCache", "ModelOutput"]
