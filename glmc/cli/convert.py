@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 from pathlib import Path
 
 import click
@@ -42,6 +41,7 @@ def convert(checkpoint, output, target_tp, quantization_bit_width, config_name, 
     from glmc.checkpoint import SatCheckpoint, convert_checkpoint
     from glmc.checkpoint.convert import progress_steps
     from glmc.config import from_name
+    from glmc.memory import peak_rss_bytes
 
     ckpt = SatCheckpoint.open(checkpoint, from_name(config_name) if config_name else None)
     bits = int(quantization_bit_width) if quantization_bit_width else None
@@ -55,7 +55,7 @@ def convert(checkpoint, output, target_tp, quantization_bit_width, config_name, 
         "input": str(checkpoint), "output": str(output), "iteration": ckpt.iteration,
         "source_tp": ckpt.tp_size, "target_tp": target_tp, "quantization_bits": bits,
         "shard_bytes": [s.stat().st_size for s in shards],
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
     if as_json:
         click.echo(json.dumps(summary))

@@ -1,0 +1,261 @@
+"""GLM blank filling and the sampling strategies, against GLM-130B's own outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import glmc
+import oracle
+from conftest import SAT_ORACLE, SAT_TINY, TINY_SPECIAL, sat_tiny_npz
+from glmc.errors import PromptError
+from glmc.generation.filling import (
+    BlankRequest,
+    blank_attention_mask,
+    blank_position_ids,
+    generate_blanks,
+    prompt_from_ids,
+    prompt_from_text,
+)
+from glmc.generation.strategies import FILTERED, BaseStrategy, BeamSearchStrategy, top_k_top_p_filter
+from tolerances import assert_close
+
+S = TINY_SPECIAL
+
+
+@pytest.fixture(scope="module")
+def sat_tiny():
+    return glmc.load(SAT_TINY / "checkpoint", special_tokens=S)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return glmc.load(tiny_checkpoint)
+
+
+def words(text: str) -> list[int]:
+    """A stand-in tokenizer: whitespace-separated integers."""
+    return [int(w) for w in text.split()]
+
+
+# --- prompts, masks, positions --------------------------------------------------------------
+
+@pytest.mark.parametrize("text,ids,mask,gmask,echo", [
+    ("1 2 [MASK] 3", [1, 2, S.mask, 3, S.eos], S.mask, False, "1 2 [MASK] 3"),
+    ("1 [sMASK] 2", [1, S.smask, 2, S.eos], S.smask, False, "1 [sMASK] 2"),
+    ("1 2", [1, 2, S.gmask], S.gmask, True, "1 2 [gMASK]"),
+    ("1 [gMASK]", [1, S.gmask], S.gmask, True, "1 [gMASK]"),
+    ("1 [gMASK] 2", [1, S.gmask, 2, S.eos], S.gmask, True, "1 [gMASK] 2"),
+    ("[MASK] 1 [gMASK] 2 [sMASK]", [S.mask, 1, S.gmask, 2, S.smask], S.mask, False, "[MASK] 1 [gMASK] 2 [sMASK]"),
+])
+def test_prompt_rules_of_generate_py(text, ids, mask, gmask, echo):
+    prompt = prompt_from_text(text, words, S)
+    assert (prompt.ids, prompt.mask_id, prompt.gmask, prompt.text) == (ids, mask, gmask, echo)
+
+
+@pytest.mark.parametrize("given,ids,mask,gmask", [
+    ([1, 2, S.mask, 3], [1, 2, S.mask, 3, S.eos], S.mask, False),
+    ([1, 2], [1, 2, S.gmask], S.gmask, True),
+    ([1, S.gmask], [1, S.gmask], S.gmask, True),
+    ([1, S.gmask, 2], [1, S.gmask, 2, S.eos], S.gmask, True),
+    ([S.smask, 1, S.gmask], [S.smask, 1, S.gmask], S.smask, False),
+])
+def test_prompt_rules_for_token_ids(given, ids, mask, gmask):
+    prompt = prompt_from_ids(given, S)
+    assert (prompt.ids, prompt.mask_id, prompt.gmask) == (ids, mask, gmask)
+
+
+def test_masks_and_positions_of_generate_py():
+    context = [5, 6, S.mask, 7, S.sop]
+    request = BlankRequest(context, mask_position=2, gmask=False, max_new_tokens=3)
+    assert blank_position_ids(request, 3) == [0, 1, 2, 3, 2, 2, 2, 2]
+    gmask = BlankRequest(context, mask_position=2, gmask=True, max_new_tokens=3)
+    assert blank_position_ids(gmask, 3) == list(range(8))
+    assert np.array_equal(blank_attention_mask(5, 8).numpy(), oracle.glm_mask(8, 5)[0, 0])
+
+
+# --- greedy generation against the original code --------------------------------------------
+
+def test_greedy_generation_matches_sat(sat_tiny, sat_tiny_cases):
+    case = sat_tiny_cases["cases"]["gen_gmask"]
+    golden = sat_tiny_npz("gen_gmask")
+    seen = []
+    strategy = BaseStrategy(top_k=1)
+    step = strategy.step
+    strategy.step = lambda logits, tokens: (seen.append(logits.clone()), step(logits, tokens))[1]
+    result = sat_tiny.generate(words(case["raw_text"]), strategy, out_seq_length=case["context_length"] + 8)
+    assert result.blank_ids[0][0] == case["generated"]
+    assert result.token_ids[0] == case["context"][:-2] + case["generated"]
+    assert_close(torch.cat(seen, 1), golden["step_logits_cached"], "float32", "step logits vs SAT")
+
+
+class _Recompute:
+    """An executable without a cache: every step recomputes the whole sequence."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def prefill(self, tokens, position_ids, attention_mask, *, last_only=True):
+        logits = self.model(tokens, position_ids, attention_mask, last_logits_only=last_only).logits
+        return logits, (tokens, position_ids, attention_mask)
+
+    @torch.no_grad()
+    def decode(self, tokens, position_ids, attention_mask, cache):
+        t, p, m = cache
+        t, p = torch.cat([t, tokens], 1), torch.cat([p, position_ids], 1)
+        n = t.shape[1]
+        full = torch.ones(t.shape[0], 1, n, n, dtype=torch.bool)
+        full[..., : n - 1, : n - 1] = m
+        full[..., n - 1:, :] = attention_mask
+        full[..., : n - 1, n - 1] = True
+        return self.model(t, p, full, last_logits_only=True).logits, (t, p, full)
+
+    def reorder_cache(self, cache, index):
+        return tuple(c.index_select(0, index) for c in cache)
+
+
+def test_cached_generation_equals_recomputation(sat_tiny, sat_tiny_cases):
+    case = sat_tiny_cases["cases"]["gen_gmask"]
+    golden = sat_tiny_npz("gen_gmask")
+    seen = []
+    strategy = BaseStrategy(top_k=1)
+    step = strategy.step
+    strategy.step = lambda logits, tokens: (seen.append(logits.clone()), step(logits, tokens))[1]
+    request = BlankRequest(case["context"], case["mask_position"], True, 8)
+    beams = generate_blanks(_Recompute(sat_tiny.executable.model), [request], strategy, S)
+    assert beams[0][0].tokens[len(case["context"]):] == case["generated"]
+    assert_close(torch.cat(seen, 1), golden["step_logits_nocache"], "float32", "recomputed step logits vs SAT")
+
+
+def test_beam_search_with_and_without_cache_agree(tiny):
+    request = BlankRequest([11, 12, 13, S.mask, 14, S.eos, S.sop], 3, False, 10)
+    strategy = lambda: BeamSearchStrategy(4, 1.0, no_repeat_ngram_size=2)  # noqa: E731
+    cached = generate_blanks(tiny.executable, [request], strategy(), S)
+    recomputed = generate_blanks(_Recompute(tiny.executable.model), [request], strategy(), S)
+    assert [b.tokens for b in cached[0]] == [b.tokens for b in recomputed[0]]
+    assert np.allclose([b.score for b in cached[0]], [b.score for b in recomputed[0]], atol=1e-4)
+
+
+# --- several masks, batches -----------------------------------------------------------------
+
+def test_masks_are_filled_left_to_right(tiny):
+    prompt = [21, 22, S.mask, 23, 24, S.mask, 25]
+    result = tiny.generate(prompt, BaseStrategy(top_k=1), out_seq_length=30)
+    first, second = result.blank_ids[0]
+    # Step by step, as generate.py does: fill the first mask, then the second in the filled text.
+    seq = prompt + [S.eos]
+    one = generate_blanks(tiny.executable, [BlankRequest(seq + [S.sop], 2, False, 30 - len(seq) - 1)],
+                          BaseStrategy(top_k=1), S)[0][0].tokens[len(seq) + 1:]
+    one = one[:-1] if one and one[-1] in S.end_tokens else one
+    seq = seq[:2] + one + seq[3:]
+    two = generate_blanks(tiny.executable, [BlankRequest(seq + [S.sop], seq.index(S.mask), False,
+                                                         30 - len(seq) - 1)],
+                          BaseStrategy(top_k=1), S)[0][0].tokens[len(seq) + 1:]
+    two = two[:-1] if two and two[-1] in S.end_tokens else two
+    assert (first, second) == (one, two)
+    assert result.token_ids[0] == [21, 22] + one + [23, 24] + two + [25]
+
+
+PROMPTS = [[31, 32, 33, 34, 35, 36, 37], [41, S.mask, 42], [51, 52, S.smask, 53, 54, 55], [61, 62, 63, S.gmask]]
+
+
+@pytest.mark.parametrize("make", [lambda: BaseStrategy(top_k=1),
+                                  lambda: BeamSearchStrategy(3, 0.8, no_repeat_ngram_size=2, min_gen_length=2)],
+                         ids=["greedy", "beam"])
+def test_batched_prompts_equal_single_prompts(tiny, make):
+    batched = tiny.generate(PROMPTS, make(), out_seq_length=24)
+    for prompt, together in zip(PROMPTS, batched):
+        alone = tiny.generate(prompt, make(), out_seq_length=24)
+        assert together.token_ids == alone.token_ids
+        assert np.allclose([s or 0 for s in together.scores], [s or 0 for s in alone.scores], atol=1e-4)
+
+
+def test_sampling_is_seeded(tiny):
+    runs = [tiny.generate([1, 2, 3], BaseStrategy(0.9, 0, 0.9, seed=s), out_seq_length=20).token_ids
+            for s in (7, 7, 8)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_too_long_prompts_and_no_room(tiny):
+    with pytest.raises(PromptError, match="prompt 1 is 129 tokens long; the model takes at most 128"):
+        tiny.generate([5] * 128, BaseStrategy(top_k=1), out_seq_length=128)
+    with pytest.raises(PromptError, match="leaves no room to generate"):
+        tiny.generate([5] * 10, BaseStrategy(top_k=1), out_seq_length=12)
+    with pytest.raises(PromptError, match="exceeds the model's maximum sequence length 128"):
+        tiny.generate([5] * 10, BaseStrategy(top_k=1), out_seq_length=200)
+
+
+# --- strategies on hand-computed cases ------------------------------------------------------
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    assert top_k_top_p_filter(logits.clone(), top_k=2).tolist() == [[FILTERED, 4.0, 3.0, FILTERED]]
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    # cumulative 0.5, 0.8, 0.95, 1.0: tokens past 0.6 go, except the one that crosses it
+    kept = top_k_top_p_filter(probs.log(), top_p=0.6)
+    assert (kept[0] > FILTERED).tolist() == [True, True, False, False]
+
+
+def test_base_strategy_ends_rows_and_pads_with_minus_one():
+    strategy = BaseStrategy(top_k=1)
+    strategy.start(2, S.end_tokens)
+    logits = torch.full((2, 1, 1024), -5.0)
+    logits[0, 0, S.eos] = 5.0
+    logits[1, 0, 7] = 5.0
+    tokens, parents = strategy.step(logits, [[[1]], [[2]]])
+    assert tokens == [[[1, S.eos]], [[2, 7]]] and parents == [0, 1] and strategy.done == [True, False]
+    tokens, _ = strategy.step(logits, tokens)
+    assert tokens == [[[1, S.eos, -1]], [[2, 7, 7]]]
+
+
+def test_min_gen_length_holds_end_tokens_back():
+    strategy = BaseStrategy(top_k=1, min_gen_length=1)
+    strategy.start(1, S.end_tokens)
+    logits = torch.zeros(1, 1, 1024)
+    logits[0, 0, S.eop] = 9.0
+    logits[0, 0, 4] = 1.0
+    assert strategy.step(logits, [[[1]]])[0] == [[[1, 4]]]
+    assert strategy.step(logits, [[[1, 4]]])[0] == [[[1, 4, S.eop]]]
+
+
+def test_beam_search_length_penalty_and_end_beams():
+    strategy = BeamSearchStrategy(2, length_penalty=2.0)
+    strategy.start(1, S.end_tokens)
+    logp = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    logits = torch.full((1, 1, 1024), -1e9)
+    logits[0, 0, [S.eos, 3, 4]] = logp
+    tokens, parents = strategy.step(logits, [[[9, 9]]])
+    # eos is the best candidate: it ends a beam scored log(0.5) / ((5 + 3) / 6) ** 2 (length counts the context).
+    end = strategy.rows[0].end_beams
+    assert len(end) == 1 and end[0].tokens == [9, 9, S.eos]
+    assert end[0].score == pytest.approx(float(np.log(0.5)) / (8 / 6) ** 2, rel=1e-6)
+    assert tokens == [[[9, 9, 3], [9, 9, 4]]] and parents == [0, 0]
+    finished = strategy.finalize(tokens)[0]
+    assert [b.tokens for b in finished] == [[9, 9, S.eos], [9, 9, 3]]  # top 2 of 3, best first
+
+
+def test_beam_search_bans_repeated_ngrams():
+    strategy = BeamSearchStrategy(1, no_repeat_ngram_size=2)
+    strategy.start(1, S.end_tokens)
+    logits = torch.zeros(1, 1, 30)
+    logits[0, 0, 5] = 3.0
+    logits[0, 0, 6] = 2.0
+    tokens = [[[5]]]
+    for _ in range(3):
+        tokens, _ = strategy.step(logits, tokens)
+    # Bans apply only once the sequence is longer than n (GLM-130B's `seq_len > ngram`),
+    # so (5, 5) repeats once more before the ban keyed on the last token (5,) turns it to 6.
+    assert tokens[0][0] == [5, 5, 5, 6]
+
+
+# --- GLM-130B's own beam search and sampling (tools/sat_oracle.py) --------------------------
+
+def oracle_cases() -> dict:
+    return json.loads((SAT_ORACLE / "cases.json").read_text())["cases"]
+
+
+needs_oracle = pytest.mark.skipif(not (SAT_ORACLE / "cases.json").exists(), reason="SAT oracle data not generated")

@@ -1,0 +1,117 @@
+"""The icetk-compatible tokenizer, against sentencepiece itself and icetk's own outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+
+from conftest import DATA
+from glmc.api import EMBEDDED_DEFAULT
+from glmc.errors import GlmcError
+from glmc.tokenizer import GLM130B_SPECIAL_TOKENS, IceTokenizer
+
+MODEL = EMBEDDED_DEFAULT / "ice_text.model"
+GOLDENS = DATA / "icetk" / "goldens.json"
+
+
+@pytest.fixture(scope="module")
+def icetk_layout():
+    """Our small model in GLM-130B's id layout: text at 20000+, commands at 150000+."""
+    return IceTokenizer(MODEL, text_offset=20000, command_base=150000)
+
+
+@pytest.fixture(scope="module")
+def raw_sp():
+    return spm.SentencePieceProcessor(model_file=str(MODEL))
+
+
+def test_ids_are_sentencepiece_ids_offset_by_the_image_vocabulary(icetk_layout, raw_sp):
+    text = "Tsinghua University 清华大学 is in Beijing."
+    assert icetk_layout.tokenize(text) == [i + 20000 for i in raw_sp.EncodeAsIds(text)]
+
+
+def test_command_ids_and_eos(icetk_layout):
+    assert icetk_layout.special == GLM130B_SPECIAL_TOKENS
+    assert [icetk_layout.get_command(n) for n in ("[MASK]", "[gMASK]", "[sMASK]", "eod", "sop", "eop")] == \
+        [150000, 150001, 150002, 150003, 150004, 150005]
+    assert icetk_layout.get_command("eos") == 20002
+
+
+def test_compact_layout_puts_commands_after_the_text_pieces(raw_sp):
+    tok = IceTokenizer(MODEL, text_offset=0)
+    assert tok.special.mask == raw_sp.get_piece_size() and tok.special.eos == 2
+
+
+def test_whitespace_is_left_to_the_normaliser(icetk_layout):
+    assert icetk_layout.tokenize("one\ntwo\t\tthree    four") == icetk_layout.tokenize("one two three four")
+
+
+def test_detokenize_splits_at_commands(icetk_layout, raw_sp):
+    a, b = icetk_layout.tokenize("Hello world"), icetk_layout.tokenize("again")
+    ids = a + [150000] + b + [150004, 20002]
+    # SAT prints `[name]`, and the mask commands' names carry their own brackets.
+    assert icetk_layout.detokenize(ids) == "Hello world[[MASK]]again[sop][</s>]"
+    newline = raw_sp.PieceToId("<n>") + 20000  # the `<n>` piece decodes to a newline
+    assert icetk_layout.detokenize(a + [newline] + b) == "Hello world\n again"
+
+
+def test_non_text_ids_print_by_name(icetk_layout):
+    assert icetk_layout.detokenize([5, 150007, 150100]) == "<image_5>[dBLOCK]<unused_150100>"
+
+
+def test_sat03_variant_keeps_whitespace_and_rare_characters():
+    tok = IceTokenizer(MODEL, text_offset=20000, variant="sat-0.3")
+    text = "def f():\n\treturn  1    # 🙂 Ж"
+    assert tok.decode_text(tok.tokenize(text)) == text
+    assert tok.special.mask == 20000 + tok.num_text_pieces  # appended pieces follow the model's own
+
+
+def test_missing_model_says_where_to_put_it(tmp_path):
+    with pytest.raises(GlmcError, match=r"tokenizer model not found\. glmc never downloads it.*ice_text\.model"):
+        IceTokenizer(tmp_path / "ice_text.model")
+
+
+def test_file_that_is_not_a_sentencepiece_model(tmp_path):
+    bad = tmp_path / "ice_text.model"
+    bad.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(GlmcError, match="not a SentencePiece model"):
+        IceTokenizer(bad)
+
+
+def test_unknown_variant():
+    with pytest.raises(GlmcError, match="unknown tokenizer variant 'sat-9'"):
+        IceTokenizer(MODEL, variant="sat-9")
+
+
+# --- against icetk and SAT themselves (tools/icetk_goldens.py) ------------------------------
+
+def goldens() -> dict:
+    return json.loads(GOLDENS.read_text(encoding="utf-8"))
+
+
+needs_goldens = pytest.mark.skipif(not GOLDENS.exists(), reason="icetk goldens not generated")
+
+
+@needs_goldens
+def test_tokenize_matches_sat_0212_with_icetk(icetk_layout):
+    data = goldens()
+    for case in data["cases"]:
+        assert icetk_layout.tokenize(case["text"]) == case["sat0212_tokenize"], repr(case["text"])
+        assert icetk_layout.detokenize(case["sat0212_tokenize"]) == case["sat0212_detokenize"], repr(case["text"])
+
+
+@needs_goldens
+def test_detokenize_matches_sat_0212(icetk_layout):
+    for case in goldens()["detokenize_cases"]:
+        assert icetk_layout.detokenize(case["ids"]) == case["sat0212_detokenize"], case["ids"]
+
+
+@needs_goldens
+def test_sat03_variant_matches_glm130b_tokenizer():
+    tok = IceTokenizer(MODEL, text_offset=20000, variant="sat-0.3")
+    for case in goldens()["cases"]:
+        assert tok.tokenize(case["text"]) == case["sat03_encode"], repr(case["text"])
+        assert tok.decode_text(case["sat03_encode"]) == case["sat03_decode"], repr(case["text"])
