@@ -113,7 +113,8 @@ class GLM:
 
         `out_seq_length` is GLM-130B's: the total length of context plus blank.
         """
-        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        # One prompt is a string or a sequence of integer ids (ints, numpy or 0-d torch integers).
+        single = isinstance(prompts, str) or (len(prompts) > 0 and hasattr(prompts[0], "__index__"))
         items = [prompts] if single else list(prompts)
         strategy = strategy if strategy is not None else BaseStrategy()
         built = [self.prompt(p) for p in items]

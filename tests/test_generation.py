@@ -61,6 +61,7 @@ def test_prompt_rules_of_generate_py(text, ids, mask, gmask, echo):
     ([1, 2], [1, 2, S.gmask], S.gmask, True),
     ([1, S.gmask], [1, S.gmask], S.gmask, True),
     ([1, S.gmask, 2], [1, S.gmask, 2, S.eos], S.gmask, True),
+    ([1, S.mask, 2, S.eos], [1, S.mask, 2, S.eos], S.mask, False),
     ([S.smask, 1, S.gmask], [S.smask, 1, S.gmask], S.smask, False),
 ])
 def test_prompt_rules_for_token_ids(given, ids, mask, gmask):

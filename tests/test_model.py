@@ -83,6 +83,26 @@ def test_logits_match_independent_computation(tiny_model, kind):
     assert_close(sat_mem_layout(out.kv_cache), ref["mem_kv"], "float32", f"{kind} KV cache")
 
 
+@pytest.mark.parametrize("kind", ["gmask", "mask", "causal"])
+def test_each_layer_matches_independent_computation(tiny_model, kind):
+    """Layer by layer from the oracle's own inputs, so fp32 rounding is not amplified across layers."""
+    rng = np.random.default_rng(["gmask", "mask", "causal"].index(kind))
+    tokens, positions, mask = _prompt(kind, 24, 15, rng)
+    weights = weights_of(tiny_model)
+    ref = oracle.forward(weights, tiny_model.config.__dict__, tokens, positions, mask)
+    pos = torch.from_numpy(positions)
+    cos, sin = tiny_model.rotary_cos[pos].unsqueeze(2), tiny_model.rotary_sin[pos].unsqueeze(2)
+    inputs = [weights["word_embeddings.weight"][tokens], *ref["hidden_states"][:-1]]
+    with torch.no_grad():
+        for i, layer in enumerate(tiny_model.layers):
+            out, _ = layer(torch.from_numpy(inputs[i]).float(), cos, sin, torch.from_numpy(mask), None,
+                           tiny_model.comm)
+            assert_close(out, ref["hidden_states"][i], "float32-layer", f"{kind} layer {i}")
+        x = tiny_model.final_layernorm(torch.from_numpy(ref["hidden_states"][-1]).float())
+        logits = torch.nn.functional.linear(x, tiny_model.word_embeddings.weight)
+    assert_close(logits, ref["logits"], "float32-layer", f"{kind} final norm and output projection")
+
+
 def test_cached_decoding_equals_recomputation(tiny_model):
     rng = np.random.default_rng(3)
     tokens, positions, mask = _prompt("gmask", 20, 12, rng)
@@ -137,6 +157,21 @@ def test_bf16_table_takes_fp32_cos_of_fp16_angles():
     cos32 = np.cos(np.concatenate([angles, angles], -1).astype(np.float64)).astype(np.float32)
     expected = torch.from_numpy(cos32).bfloat16()
     assert torch.equal(cos, expected)
+
+
+def test_masked_scores_reach_the_softmax_at_minus_10000_times_layer(tiny_model, monkeypatch):
+    """Query-key layer scaling is invisible in exact arithmetic; its trace is the masked value."""
+    rng = np.random.default_rng(7)
+    tokens, positions, mask = map(torch.from_numpy, _prompt("gmask", 10, 6, rng))
+    inputs = []
+    original = torch.softmax
+    monkeypatch.setattr(torch, "softmax", lambda x, dim=None, **kw: (inputs.append(x), original(x, dim=dim, **kw))[1])
+    with torch.no_grad():
+        tiny_model(tokens, positions, mask)
+    assert len(inputs) == tiny_model.config.num_layers
+    for layer, scores in enumerate(inputs):
+        masked = scores[mask.expand_as(scores)]
+        assert masked.numel() > 0 and torch.all(masked == -10000.0 * (layer + 1)), layer
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

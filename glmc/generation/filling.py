@@ -157,14 +157,14 @@ def prompt_from_text(raw_text: str, tokenize: Callable[[str], list[int]], specia
 
 
 def prompt_from_ids(ids: list[int], special: SpecialTokens) -> Prompt:
-    """The same rules for a prompt given as token ids."""
+    """The same rules for a prompt given as token ids (an id prompt already ending in eos keeps it)."""
     ids = list(ids)
     masks = (special.mask, special.smask, special.gmask)
     mask_id = special.mask if special.mask in ids else special.smask if special.smask in ids else special.gmask
     gmask = special.mask not in ids and special.smask not in ids
     if not any(i in masks for i in ids):
         ids.append(special.gmask)
-    if ids[-1] not in masks:
+    if ids[-1] not in masks and ids[-1] != special.eos:
         ids.append(special.eos)
     return Prompt(ids, mask_id, gmask)
 

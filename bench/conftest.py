@@ -1,0 +1,52 @@
+"""Benchmark fixtures: the machine's limits, measured in the same run as the models.
+
+Run:  python -m pytest bench --benchmark-enable
+Each benchmark records tokens/s and the fraction of the hardware bound it reaches;
+at the end a table is printed and bench/results/ receives a JSON file and an SVG plot.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from report import Record, write_report
+
+RECORDS: list[Record] = []
+
+
+def _best_of(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@pytest.fixture(scope="session")
+def machine() -> dict[str, float]:
+    """Read bandwidth (bytes/s) and fp32 matmul throughput (FLOP/s) of this machine, as torch sees them."""
+    torch.manual_seed(0)
+    big = torch.randn(256 * 2**20 // 4 * 4)  # 1 GiB of fp32: far beyond the caches
+    seconds = _best_of(lambda: big.sum(), 5)
+    bandwidth = big.numel() * 4 / seconds
+    del big
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    seconds = _best_of(lambda: a @ b, 5)
+    flops = 2 * 2048**3 / seconds
+    return {"bandwidth": bandwidth, "flops": flops, "threads": torch.get_num_threads()}
+
+
+@pytest.fixture
+def record():
+    def add(item: Record) -> None:
+        RECORDS.append(item)
+    return add
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if RECORDS:
+        write_report(RECORDS)
