@@ -30,10 +30,9 @@ def _best_of(fn, repeats: int) -> float:
 def machine() -> dict[str, float]:
     """Read bandwidth (bytes/s) and fp32 matmul throughput (FLOP/s) of this machine, as torch sees them."""
     torch.manual_seed(0)
-    big = torch.randn(256 * 2**20 // 4 * 4)  # 1 GiB of fp32: far beyond the caches
-    seconds = _best_of(lambda: big.sum(), 5)
-    bandwidth = big.numel() * 4 / seconds
-    del big
+    big = torch.randn(2**28)  # 1 GiB of fp32: far beyond the caches
+    bandwidth = big.numel() * 4 / _best_of(big.sum, 5)
+    big = None  # free it before the matmul measurement
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     seconds = _best_of(lambda: a @ b, 5)
     flops = 2 * 2048**3 / seconds

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SAT_ORACLE, SAT_TINY, TINY_SPECIAL
+from conftest import SAT_ORACLE, SAT_TINY
 from glmc.checkpoint import SatCheckpoint, convert_checkpoint, load_model, model_state, save_checkpoint
 from glmc.checkpoint.layout import Copy, _block_copies
 from glmc.checkpoint.sat import save_shard

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 import glmc
 import oracle
-from conftest import SAT_ORACLE, SAT_TINY, TINY_SPECIAL, sat_tiny_npz
+from conftest import SAT_TINY, TINY_SPECIAL, sat_tiny_npz
 from glmc.errors import PromptError
 from glmc.generation.filling import (
     BlankRequest,
@@ -79,19 +77,6 @@ def test_masks_and_positions_of_generate_py():
 
 
 # --- greedy generation against the original code --------------------------------------------
-
-def test_greedy_generation_matches_sat(sat_tiny, sat_tiny_cases):
-    case = sat_tiny_cases["cases"]["gen_gmask"]
-    golden = sat_tiny_npz("gen_gmask")
-    seen = []
-    strategy = BaseStrategy(top_k=1)
-    step = strategy.step
-    strategy.step = lambda logits, tokens: (seen.append(logits.clone()), step(logits, tokens))[1]
-    result = sat_tiny.generate(words(case["raw_text"]), strategy, out_seq_length=case["context_length"] + 8)
-    assert result.blank_ids[0][0] == case["generated"]
-    assert result.token_ids[0] == case["context"][:-2] + case["generated"]
-    assert_close(torch.cat(seen, 1), golden["step_logits_cached"], "float32", "step logits vs SAT")
-
 
 class _Recompute:
     """An executable without a cache: every step recomputes the whole sequence."""
@@ -251,12 +236,3 @@ def test_beam_search_bans_repeated_ngrams():
     # Bans apply only once the sequence is longer than n (GLM-130B's `seq_len > ngram`),
     # so (5, 5) repeats once more before the ban keyed on the last token (5,) turns it to 6.
     assert tokens[0][0] == [5, 5, 5, 6]
-
-
-# --- GLM-130B's own beam search and sampling (tools/sat_oracle.py) --------------------------
-
-def oracle_cases() -> dict:
-    return json.loads((SAT_ORACLE / "cases.json").read_text())["cases"]
-
-
-needs_oracle = pytest.mark.skipif(not (SAT_ORACLE / "cases.json").exists(), reason="SAT oracle data not generated")

@@ -18,14 +18,14 @@ Environment (a venv of its own; nothing else is needed)::
 Run (from the repository root)::
 
     oracle-venv/bin/python tools/sat_oracle.py --glm130b glm130b \\
-        --checkpoint sat-tiny/checkpoint --reference sat-tiny \\
-        --out tests/data/sat_oracle
+        --checkpoint sat-tiny/checkpoint --out tests/data/sat_oracle
 
-`--reference` (a folder with sat-tiny's fwd_gmask.npz / gen_gmask.npz) is
-optional; when given, the setup is first checked against those files (logits,
-hidden states and KV cache within 1e-5, the same 8 greedy tokens) and the run
-stops if they disagree. Output is deterministic: .npz files are written with
-fixed zip timestamps, torch runs on one thread, every seed is fixed.
+Before producing anything the set-up is checked against sat-tiny's own golden
+files (`--reference`, default: the checkpoint folder's parent, which holds
+fwd_gmask.npz and gen_gmask.npz): logits, hidden states and KV cache within
+1e-5 and the same 8 greedy tokens, or the run stops. Output is deterministic:
+.npz files are written with fixed zip timestamps, torch runs on one thread
+with AVX2 kernels, every seed is fixed; two runs give byte-identical files.
 """
 
 import argparse
@@ -621,7 +621,12 @@ GEN_GMASK_TEXT = " ".join(map(str, GMASK_PROMPT))
 # with a comfortable top1-top2 margin along the greedy path
 GEN_MASK_TEXT = "743 785 941 346 [MASK] 858 350 57 558 172 916 284"
 GEN_SMASK_TEXT = "853 814 102 [sMASK] 127 458 643"
-GEN_TWO_MASKS_TEXT = "559 526 126 [MASK] 150 897 109 566 32 941 865 936 [MASK] 104 31 785"
+GEN_TWO_MASKS_TEXT = "570 35 [MASK] 907 [MASK] 458 221 521 307 680"
+# beam prompts: picked among seeded random prompts so that end beams are found during the search
+# and the n-gram ban changes the result (BEAM_MASK_TEXT), and so that length_penalty 0.7 returns a
+# different set of beams than 1.0 (BEAM_LP_TEXT)
+BEAM_MASK_TEXT = "799 981 759 750 [MASK] 324 37 140 849 511 383 789 776"
+BEAM_LP_TEXT = "462 753 [MASK] 112 92 919"
 
 CAUSAL_ROWS = [
     [17, 345, 902, 66, 128, 511, 7, 233, 874, 45, 390, 612, 301, 77, 845, 12],
@@ -824,8 +829,12 @@ def greedy_case(env, model, raw_text, out_seq_length, description):
     return info, arrays
 
 
-def beam_case(env, model, raw_text, max_new_tokens, length_penalty, no_repeat_ngram_size, description):
-    torch = env.torch
+def beam_case(
+    env, model, raw_text, max_new_tokens, length_penalty, no_repeat_ngram_size, description, compare=None,
+    store_logits=True,
+):
+    """compare: optional (length_penalty, no_repeat_ngram_size) of a second run whose answers are noted;
+    store_logits: keep the per-step logits in the .npz (left out of some cases to keep the data small)."""
     seed_all(env)
     params = {
         "class": "generation.BeamSearchStrategy",
@@ -865,12 +874,10 @@ def beam_case(env, model, raw_text, max_new_tokens, length_penalty, no_repeat_ng
         for j, (lg, toks, scores, tk) in enumerate(
             zip(call["step_logits"], call["step_tokens_out"], call["beam_scores"], call["beam_topk"])
         ):
-            arrays[pre + f"step{j}/logits"] = to_np(lg)  # [batch=1, beams at this step, V]
+            if store_logits:
+                arrays[pre + f"step{j}/logits"] = to_np(lg)  # [batch=1, beams at this step, V]
             probs, values, _ = tk
-            # robustness: gaps between the ranked candidate probabilities (k kept + the first dropped)
-            k = values.shape[-1]
-            ranked = probs.reshape(-1).topk(k + 1).values
-            gap = float((ranked[:-1] - ranked[1:]).min())
+            gap = decisive_score_gap(probs, values.shape[-1], lg.shape[-1], strategy.num_beams)
             min_gap = gap if min_gap is None else min(min_gap, gap)
             steps.append(
                 {
@@ -893,7 +900,7 @@ def beam_case(env, model, raw_text, max_new_tokens, length_penalty, no_repeat_ng
                 "returned_beams_penalized_scores": call["final_end_scores"],
                 "returned_beams_lengths": [len(row) for row in call["returned_beams"]],
                 "per_step": steps,
-                "min_gap_between_ranked_candidate_probs": min_gap,
+                "min_decisive_score_gap": min_gap,
             }
         )
         assert call["final_end_beams"] == call["returned_beams"]
@@ -915,13 +922,38 @@ def beam_case(env, model, raw_text, max_new_tokens, length_penalty, no_repeat_ng
         "blanks": blanks,
         "torch_multinomial_calls": len(res["multinomial_log"]),
     }
+    if compare is not None:
+        other, _ = beam_case(env, model, raw_text, max_new_tokens, compare[0], compare[1], "", store_logits=False)
+        info["same_prompt_other_settings"] = {
+            "length_penalty": compare[0],
+            "no_repeat_ngram_size": compare[1],
+            "returned_beams_generated": [b["returned_beams_generated"] for b in other["blanks"]],
+            "returned_beams_penalized_scores": [b["returned_beams_penalized_scores"] for b in other["blanks"]],
+            "answers_differ": other["answers_ids"] != info["answers_ids"],
+        }
     return info, arrays
+
+
+def decisive_score_gap(probs, k, vocab, num_beams):
+    """Smallest gap in cumulative log-prob score between consecutive ranked candidates, over the ranks
+    that decide the step (up to the candidate that fills the last continuing beam, and the next one).
+    probs is what BeamSearchStrategy hands torch.topk: softmax of the scores, so log-ratios = score gaps."""
+    p, idx = probs.reshape(-1).double().topk(k)
+    cont, last = 0, k - 1
+    for i in range(k):
+        if int(idx[i]) % vocab not in END_TOKENS:
+            cont += 1
+            if cont == num_beams:
+                last = i
+                break
+    last = min(last + 1, k - 1)
+    logp = p[: last + 1].log()
+    return float((logp[:-1] - logp[1:]).min())
 
 
 def probe_input_ids(env, raw_text):
     """fill_blanks' own id sequence for raw_text, read from its first batch_filling_sequence call
-    (a zero-budget call, so nothing is generated)."""
-    torch = env.torch
+    (the call is intercepted before the model runs)."""
     seen = []
 
     def fake_bfs(model, seqs, context_lengths, strategy, **kw):
@@ -1089,6 +1121,18 @@ def convert_case(env, checkpoint_dir, original_sd, target_tp, bits, workdir):
                     assert torch.equal(v, plain[r][k]), k
         checks["dequantized_max_abs_error_vs_unquantized_same_tp"] = worst
         checks["unquantized_tensors_equal_to_unquantized_conversion"] = True
+        if target_tp > 1:
+            # the scale is taken per output row AFTER the TP split: for the row-parallel matrices
+            # (attention.dense, mlp.dense_4h_to_h: split along columns) each rank has its own scales,
+            # so int8 at TP k is not the TP split of the int8 TP-1 checkpoint
+            _, _, q1 = run_convert_tp(env, checkpoint_dir, 1, bits, workdir)
+            same = {}
+            for k in sds[0]:
+                if k.endswith("_scale"):
+                    name = k[: -len("_scale")]
+                    if any(name.endswith(x) for x in ("attention.dense.weight", "mlp.dense_4h_to_h.weight")):
+                        same[name] = all(torch.equal(sd[k], q1[0][k]) for sd in sds)
+            checks["row_parallel_scales_equal_to_int8_tp1_scales"] = same
     info = {
         "kind": "convert_tp",
         "description": (
@@ -1151,11 +1195,33 @@ def provenance(env, glm130b_commit):
     }
 
 
+# GLM-130B commit these files were taken from (THUDM/GLM-130B HEAD, 2023-07-25)
+KNOWN_GLM130B = {
+    "commit": "212215c54f8a9da2deed51455868305235664370",
+    "sha256": {
+        "generate.py": "a284e770b9b0c293eed17c0e3dc0db8d0b9ba119573d6b108b5f793ba47c5be6",
+        "evaluation/model.py": "41f4282dc5e02f8e4da329df34292e8614d0ba0fcf409aa904864b1996f7459e",
+        "generation/strategies.py": "a07e772bd0833ee3cbf72e58e56e822eaf9489d0da148600304a6c231f95d087",
+        "tools/convert_tp.py": "4b5601e8f7087776e633d9451226e926486186d4cfd60241053e5d6e09634ea1",
+    },
+}
+
+
+def known_commit(env):
+    """The commit of an export that is not a git work tree, recognised by the sources' hashes."""
+    got = {f: sha256_file(os.path.join(env.glm130b_dir, f)) for f in GLM130B_FILES}
+    return KNOWN_GLM130B["commit"] if got == KNOWN_GLM130B["sha256"] else None
+
+
 def git_commit(path):
+    """HEAD of `path` when it is the top of a git work tree (not merely inside another repository)."""
+    def git(*a):
+        return subprocess.run(["git", "-C", path, *a], capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        return subprocess.run(
-            ["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(path):
+            return None
+        return git("rev-parse", "HEAD")
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -1181,21 +1247,86 @@ CONVENTIONS = {
     "blank_ids (cases.json) = what fill_blanks puts in place of the mask (end token dropped)",
     "answer_ids": "fill_blanks' answers[0] (all blanks filled in, trailing eos dropped), as ids",
     "rank{r}/{key}": "convert cases: key of rank r's state dict (mp_rank_{r:02}_model_states.pt['module'])",
+    "step{j}/logits": "beam cases: [1, beams at step j, vocab] logits handed to BeamSearchStrategy.forward at step j",
+    "answer{r}_ids": "beam cases: fill_blanks' answers[r] as ids (one per returned beam)",
+    "step_probs": "sampling cases: [1, steps, vocab] float32, the distribution handed to torch.multinomial",
+    "step_exponential_noise": "sampling cases: [1, steps, vocab] float32, the Exp(1) draws E behind "
+    "torch.multinomial(p, 1) = argmax(p / E)",
     "ids": "prompts are token ids; raw texts are whitespace-separated ids with [MASK]/[sMASK]/[gMASK] markers; "
     "the tokenizer stand-in maps them 1:1 (tokenize = int(), detokenize = ' '.join)",
 }
+
+
+OBSERVATIONS = [
+    "out_seq_length bounds the whole length of each batch_filling_sequence call (context + sop + generated), "
+    "not the number of new tokens; a later blank gets less room than an earlier one.",
+    "fill_blanks fails (AttributeError: 'int' object has no attribute 'index') when a blank has no room "
+    "(out_seq_length <= its context length incl. sop): the loop in batch_filling_sequence never runs, the 2-D "
+    "tokens come back and fill_blanks iterates over ints. With a negative budget get_masks_and_position_ids' "
+    "F.pad first crops the context.",
+    "The text is split on every [MASK]/[sMASK]/[gMASK]; only the chosen kind ([MASK] > [sMASK] > [gMASK]) is "
+    "filled, others stay in the sequence as ids. [sMASK] is handled exactly like [MASK]. eos is appended when "
+    "the text does not end with a mask; [gMASK] is appended (and no eos) when the text has no mask.",
+    "Greedy (BaseStrategy top_k=1) still calls torch.multinomial each step. top_k keeps ties with the k-th "
+    "value (logits < kth are removed); filtered logits become -65504, not -inf; temperature divides first; "
+    "the softmax handed to multinomial is fp32.",
+    "SAT's top-p (top_k_logits) views the logits as 1-D: it only works for batch size 1 (a [2, V] batch "
+    "raises). The first token whose cumulative probability exceeds top_p is kept.",
+    "torch.multinomial(p, 1) on CPU equals argmax(p / E), E = exponential_(1) drawn from the default "
+    "generator; nothing else in a generation step draws from it.",
+    "Beam search: candidates are the top (len(end_tokens)+1)*num_beams = 12 of softmax(cumulative scores) "
+    "over beams x vocab (topk, deterministic=True), then sorted by score; candidates are taken in order, an end "
+    "token becomes an end beam only if it comes before the num_beams-th continuing beam (the loop stops there). "
+    "End beams keep the end token. Penalized score = score / ((5 + len) / 6) ** length_penalty with len the "
+    "WHOLE sequence (context, sop, generated, end token). finalize(consider_end) adds the live beams with "
+    "their own lengths; the list is kept sorted descending, a new equal score goes before the older ones, "
+    "truncated to num_beams.",
+    "Beam search stops early only when num_beams end beams exist and the worst of them is >= best live score "
+    "/ ((5 + current length) / 6) ** lp; in all three beam cases here it runs to out_seq_length.",
+    "min_gen_length sets the end tokens' logits to -65504 before log_softmax for the first min_gen_length "
+    "steps. no_repeat_ngram_size: bans are keyed on the parent beam's last n-1 tokens (the context and sop "
+    "can be part of the key) and only record n-grams generated in this search; they apply once the sequence "
+    "is longer than n; banned logits become -65504.",
+    "fill_blanks with beams and several masks continues only beam 0 into the next mask; its per-beam "
+    "blanks / answers_with_style lists then mix beams of different searches (read from the code; not a case "
+    "here).",
+    "Attention: q is divided by sqrt(hn) * (layer_id + 1) in the model dtype before q @ k^T, the mask is "
+    "applied with masked_fill(-10000) on the model-dtype scores, then float32 and * (layer_id + 1): masked "
+    "scores reach the softmax at -10000 * (layer_id + 1). A single query row whose mask is all True skips "
+    "the masked_fill (meant as the incremental-decoding fast path).",
+    "With the KV cache the logits differ from full recomputation by up to ~1.5e-4 in fp32 (other matmul "
+    "shapes); AVX-512 vs AVX2 CPU kernels differ by ~3e-5.",
+    "SAT's DeepNormWithGLUMixin always creates mlp.dense_h_to_4h in fp16: an fp32 SAT model cannot run "
+    "without casting it (fp32 input x fp16 weight), and loading into it would round the weights to fp16. "
+    "The rotary table is fp16 in both modes (inv_freq is created in fp16 and never loaded).",
+    "fp16 on CPU: every op of the model has a half kernel in torch 2.13; the fp16 model's logits differ from "
+    "the fp32 model's by up to 0.27 on sat-tiny (weights rounded to fp16).",
+    "convert_tp: the weight_scale key follows its weight in the state dict; scales are fp16 (absmax / 127 in "
+    "the source dtype, then .half()), q = round(w / scale) with round-half-even, computed in the promoted "
+    "dtype (fp32 for this fp32 checkpoint, fp16 for GLM-130B's fp16 checkpoints). Scales are taken after the "
+    "TP split: for the row-parallel matrices (attention.dense, mlp.dense_4h_to_h) each rank has its own, so "
+    "int8 at TP k is not the split of int8 at TP 1. Embeddings, biases and LayerNorms stay unquantized. "
+    "dense_h_to_4h is split GLU-wise (rank i holds [x1 chunk i; x2 chunk i]).",
+    "generation/strategies.py uses np.bool: it needs numpy >= 2.0 (where np.bool exists again) or < 1.24.",
+]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--glm130b", required=True, help="exported GLM-130B repository (work tree)")
     ap.add_argument("--checkpoint", required=True, help="sat-tiny checkpoint folder (latest, model_config.json, ...)")
-    ap.add_argument("--reference", required=True, help="folder with sat-tiny's fwd_gmask.npz and gen_gmask.npz")
+    ap.add_argument(
+        "--reference",
+        default=None,
+        help="folder with sat-tiny's fwd_gmask.npz and gen_gmask.npz (default: the checkpoint folder's parent)",
+    )
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--glm130b-commit", default=None, help="commit of the export (default: git rev-parse in --glm130b)")
     ap.add_argument("--cpu-isa", choices=["avx2", "native"], default="avx2")
     opts = ap.parse_args(argv)
 
+    if opts.reference is None:
+        opts.reference = os.path.dirname(os.path.abspath(opts.checkpoint.rstrip(os.sep)))
     env = Env(opts.glm130b, cpu_isa=opts.cpu_isa)
     torch = env.torch
     os.makedirs(opts.out, exist_ok=True)
@@ -1264,11 +1395,36 @@ def main(argv=None):
         "(one per returned beam, in the order returned = descending penalized score). "
         "returned_beams_penalized_scores are the strategy's end_beams_penalized_scores right before finalize() "
         "resets its cache (after consider_end added the live beams); step{j}/logits are the logits handed to "
-        "the strategy at step j ([1, beams, V]; 1 beam at step 0)."
+        "the strategy at step j ([1, beams, V]; 1 beam at step 0), where stored."
     )
-    add("beam_gmask", beam_case(env, model, GEN_GMASK_TEXT, 12, 1.0, 3, beam_desc % (1.0, 3)))
-    add("beam_mask", beam_case(env, model, GEN_MASK_TEXT, 12, 1.0, 3, beam_desc % (1.0, 3)))
-    add("beam_gmask_lp07", beam_case(env, model, GEN_GMASK_TEXT, 12, 0.7, 0, beam_desc % (0.7, 0)))
+    add(
+        "beam_gmask",
+        beam_case(
+            env, model, GEN_GMASK_TEXT, 12, 1.0, 3,
+            beam_desc % (1.0, 3) + " No end beam is found during the search here: all 4 come from "
+            "finalize(consider_end). Step logits are not stored for this case.",
+            store_logits=False,
+        ),
+    )
+    add(
+        "beam_mask",
+        beam_case(
+            env, model, BEAM_MASK_TEXT, 12, 1.0, 3,
+            beam_desc % (1.0, 3) + " Here end beams are found during the search and the 3-gram ban changes "
+            "the result (same_prompt_other_settings: the run without it).",
+            compare=(1.0, 0),
+        ),
+    )
+    add(
+        "beam_mask_lp07",
+        beam_case(
+            env, model, BEAM_LP_TEXT, 12, 0.7, 0,
+            beam_desc % (0.7, 0) + " Here the returned set differs from length_penalty=1.0 "
+            "(same_prompt_other_settings). Step logits are not stored for this case.",
+            compare=(1.0, 0),
+            store_logits=False,
+        ),
+    )
 
     add(
         "sample_topp",
@@ -1311,10 +1467,11 @@ def main(argv=None):
         "checkpoint": {"source": "sat-tiny checkpoint/", "iteration": int(iteration), "tp": 1, "dtype": "float32"},
         "special_token_ids": SPECIAL,
         "end_tokens": END_TOKENS,
-        **provenance(env, opts.glm130b_commit or git_commit(opts.glm130b)),
+        **provenance(env, opts.glm130b_commit or git_commit(opts.glm130b) or known_commit(env)),
         "patches": PATCHES,
         "verification_against_sat_tiny": verification,
         "conventions": CONVENTIONS,
+        "observations": OBSERVATIONS,
         "not_produced": {
             "convert_int4": "tools/convert_tp.py packs int4 with kernels.compress_int4_weight, a CUDA kernel "
             "(cpm_kernels + fatbin); it cannot run on CPU and is not re-implemented here.",
