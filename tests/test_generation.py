@@ -236,3 +236,43 @@ def test_beam_search_bans_repeated_ngrams():
     # Bans apply only once the sequence is longer than n (GLM-130B's `seq_len > ngram`),
     # so (5, 5) repeats once more before the ban keyed on the last token (5,) turns it to 6.
     assert tokens[0][0] == [5, 5, 5, 6]
+
+
+def _beam_logits(rows: list[dict[int, float]]) -> torch.Tensor:
+    """[1, beams, 1024] logits holding the given log-probabilities (the rest ~ impossible)."""
+    logits = torch.full((1, len(rows), 1024), -1e4)
+    for i, row in enumerate(rows):
+        for token, logp in row.items():
+            logits[0, i, token] = logp
+    return logits
+
+
+def test_beam_candidates_reach_past_the_end_tokens():
+    # Two beams whose two best tokens are both end tokens: the 4 best candidates all end,
+    # so continuing beams come from the 5th and 6th of (2 end tokens + 1) * 2 candidates.
+    strategy = BeamSearchStrategy(2)
+    strategy.start(1, S.end_tokens)
+    strategy.scores = torch.tensor([[0.0, -0.1]])
+    logits = _beam_logits([{S.eos: -0.1, S.eop: -0.2, 7: -3.0}, {S.eos: -0.1, S.eop: -0.2, 8: -3.0}])
+    tokens, parents = strategy.step(logits, [[[1, 2], [1, 3]]])
+    assert tokens == [[[1, 2, 7], [1, 3, 8]]] and parents == [0, 1]
+    assert len(strategy.rows[0].end_beams) == 2  # the best two of the four finished beams
+
+
+def test_the_scan_stops_at_the_first_continuing_candidate_too_many():
+    # Candidates in order: 5, 6 (continue), eop (ends: still scanned), 7 (a third continuing
+    # beam: the scan stops), eos (never reached, so it never becomes an end beam).
+    strategy = BeamSearchStrategy(2)
+    strategy.start(1, S.end_tokens)
+    logits = _beam_logits([{5: -0.1, 6: -0.2, S.eop: -0.25, 7: -0.3, S.eos: -0.35}])
+    tokens, _ = strategy.step(logits, [[[1]]])
+    assert tokens == [[[1, 5], [1, 6]]]
+    assert [b.tokens for b in strategy.rows[0].end_beams] == [[1, S.eop]]
+
+
+def test_equal_end_scores_put_the_newer_beam_first():
+    strategy = BeamSearchStrategy(3, length_penalty=0.0)
+    strategy.start(1, S.end_tokens)
+    strategy._add_end_beam(strategy.rows[0], -1.0, [1, 2])
+    strategy._add_end_beam(strategy.rows[0], -1.0, [3, 4])
+    assert [b.tokens for b in strategy.rows[0].end_beams] == [[3, 4], [1, 2]]
