@@ -149,8 +149,8 @@ class GLM:
 
     def _tokenizer(self) -> IceTokenizer:
         if self.tokenizer is None:
-            raise GlmcError("this model has no tokenizer: pass --tokenizer FILE (icetk's ice_text.model) "
-                            "or give prompts as token ids")
+            raise GlmcError(f"this model has no tokenizer: put icetk's ice_text.model in {ICETK_MODEL.parent}/ "
+                            "or pass --tokenizer FILE (glmc never downloads it), or give prompts as token ids")
         return self.tokenizer
 
     def _special(self) -> SpecialTokens:

@@ -346,3 +346,18 @@ def test_convert_peak_memory_stays_near_one_target_rank(tmp_path):
     # One target rank plus one layer of source pages, far from the whole model.
     assert growth < rank_bytes + 0.2 * model_bytes, (growth, model_bytes)
     assert SatCheckpoint.open(tmp_path / "dst").tp_size == 4
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "not a readable JSON file"),
+    ('{"num_layers": 3}', "missing hidden_size"),
+    ('{"num_layers": 3, "hidden_size": 64, "num_attention_heads": 8, "vocab_size": 1024, '
+     '"max_sequence_length": 128, "layernorm_order": "pre"}', "post-LayerNorm"),
+    ('{"num_layers": 3, "hidden_size": 64, "num_attention_heads": 7, "vocab_size": 1024, '
+     '"max_sequence_length": 128}', "not a multiple of num_attention_heads"),
+])
+def test_bad_model_config(tiny_checkpoint, tmp_path, content, message):
+    path = copy_ckpt(tiny_checkpoint, tmp_path / "c")
+    (path / "model_config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=rf"model_config\.json: .*{message}"):
+        SatCheckpoint.open(path)

@@ -18,8 +18,8 @@ def glmc(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subpr
                           cwd=cwd, timeout=300)
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 1, result
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str, code: int = 1) -> None:
+    assert result.returncode == code, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("glmc: error: "), result.stderr
     assert "Traceback" not in result.stderr
@@ -106,8 +106,10 @@ def test_bad_with_id_line(tmp_path):
 
 
 def test_usage_errors_exit_2():
-    result = glmc("run", "--input-source", "x.txt", "also a prompt")
-    assert result.returncode == 2 and "give PROMPTS or --input-source" in result.stderr
+    assert_one_line_error(glmc("run", "--input-source", "x.txt", "also a prompt"),
+                          "give PROMPTS or --input-source", "glmc run --help", code=2)
+    assert_one_line_error(glmc("convert", "a", "b"), "Missing option '--target-tp'", code=2)
+    assert_one_line_error(glmc("frobnicate"), "No such command", code=2)
 
 
 def test_convert_and_inspect(tiny_checkpoint, tmp_path):
@@ -140,3 +142,10 @@ def test_run_with_a_sat_checkpoint_and_token_ids(tiny_checkpoint):
                   "--out-seq-length", "16", "1 2 3")
     # The test checkpoint has command ids but no tokenizer: text prompts cannot be tokenized.
     assert_one_line_error(result, "has no tokenizer")
+
+
+def test_output_path_that_is_a_file(tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("x")
+    assert_one_line_error(glmc("run", "--top-k", "1", "--out-seq-length", "20", "--output-path", str(blocker), "Hi"),
+                          str(blocker), "--output-path", code=2)

@@ -29,16 +29,9 @@ SAT_PREFIX = "transformer."
 CONFIG_FILE = "model_config.json"
 _SHARD = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 
-# SAT's model_config.json argument names -> GLMConfig fields.
-_SAT_ARGS = {
-    "num_layers": "num_layers",
-    "hidden_size": "hidden_size",
-    "num_attention_heads": "num_attention_heads",
-    "inner_hidden_size": "inner_hidden_size",
-    "vocab_size": "vocab_size",
-    "max_sequence_length": "max_sequence_length",
-    "layernorm_epsilon": "layernorm_epsilon",
-}
+# GLMConfig fields under SAT's own argument names in model_config.json.
+_REQUIRED_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length")
+_OPTIONAL_ARGS = ("inner_hidden_size", "layernorm_epsilon")
 
 
 def shard_name(rank: int) -> str:
@@ -157,15 +150,19 @@ def read_config_file(path: Path) -> tuple[GLMConfig, dict[str, Any]]:
         raise CheckpointError(f"{path}: not a readable JSON file ({error})") from None
     if not isinstance(values, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
-    missing = [k for k in _SAT_ARGS if k not in values and k not in ("inner_hidden_size", "layernorm_epsilon")]
+    missing = [k for k in _REQUIRED_ARGS if k not in values]
     if missing:
         raise CheckpointError(f"{path}: missing {', '.join(missing)}")
-    fields = {field: values[arg] for arg, field in _SAT_ARGS.items() if values.get(arg) is not None}
+    if values.get("layernorm_order", "post") != "post" or values.get("position_encoding_2d"):
+        raise CheckpointError(f"{path}: glmc runs GLM-130B's layout (post-LayerNorm, 1-D positions); this "
+                              f"config has layernorm_order={values.get('layernorm_order')!r}, "
+                              f"position_encoding_2d={values.get('position_encoding_2d')!r}")
+    fields = {k: values[k] for k in _REQUIRED_ARGS + _OPTIONAL_ARGS if values.get(k) is not None}
     if "inner_hidden_size" not in fields:  # SAT's default for GLU models
         fields["inner_hidden_size"] = 4 * fields["hidden_size"] * 2 // 3
     try:
         config = GLMConfig(**fields)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, GlmcError) as error:
         raise CheckpointError(f"{path}: {error}") from None
     glmc_section = values.get("glmc", {})
     if not isinstance(glmc_section, dict):
@@ -175,7 +172,7 @@ def read_config_file(path: Path) -> tuple[GLMConfig, dict[str, Any]]:
 
 def config_to_sat_args(config: GLMConfig, tp_size: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     values: dict[str, Any] = {"model_class": "GLM130B"}
-    values.update({arg: getattr(config, field) for arg, field in _SAT_ARGS.items()})
+    values.update({arg: getattr(config, arg) for arg in _REQUIRED_ARGS + _OPTIONAL_ARGS})
     values.update({"layernorm_order": "post", "model_parallel_size": tp_size, "position_encoding_2d": False})
     if extra:
         values["glmc"] = extra

@@ -26,7 +26,7 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors become one line on stderr and exit status 1."""
+    """Entry point: every error is one line on stderr; exit 1 for bad input, 2 for bad usage."""
     from glmc.cli import convert, inspect, run  # noqa: F401  (registers the commands)
 
     try:
@@ -34,11 +34,22 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("glmc: interrupted", err=True)
         return 130
+    except click.exceptions.NoArgsIsHelpError as error:  # bare `glmc`: show the help
+        click.echo(error.format_message())
+        return 0
+    except click.UsageError as error:  # one line, like every other error
+        command = f"glmc {error.ctx.info_name} " if error.ctx and error.ctx.parent else "glmc "
+        click.echo(f"glmc: error: {error.format_message()} (see '{command}--help')", err=True)
+        return error.exit_code
     except click.ClickException as error:
-        error.show()
+        click.echo(f"glmc: error: {error.format_message()}", err=True)
         return error.exit_code
     except GlmcError as error:
         click.echo(f"glmc: error: {error}", err=True)
+        return 1
+    except OSError as error:  # a path the user gave: unwritable, a folder, the disk full...
+        where = f"{error.filename}: " if error.filename else ""
+        click.echo(f"glmc: error: {where}{error.strerror or error}", err=True)
         return 1
     except KeyboardInterrupt:
         click.echo("glmc: interrupted", err=True)
