@@ -149,3 +149,13 @@ def test_output_path_that_is_a_file(tmp_path):
     blocker.write_text("x")
     assert_one_line_error(glmc("run", "--top-k", "1", "--out-seq-length", "20", "--output-path", str(blocker), "Hi"),
                           str(blocker), "--output-path", code=2)
+
+
+def test_inspect_reports_checkpoint_problems_in_one_line(tiny_checkpoint, tmp_path):
+    import shutil
+
+    no_latest = tmp_path / "no-latest"
+    shutil.copytree(tiny_checkpoint, no_latest)
+    (no_latest / "latest").unlink()
+    assert_one_line_error(glmc("inspect", str(no_latest)), f"{no_latest}: no 'latest' file")
+    assert_one_line_error(glmc("run", "--checkpoint", str(no_latest), "x"), "no 'latest' file")
