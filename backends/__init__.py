@@ -1,8 +1,9 @@
 """Backends behind one small protocol, registered by name and imported lazily.
 
-A backend turns a model source (a SAT checkpoint today) into an `Executable` for
-one tensor-parallel rank: `compile(source, mapping, options) -> Executable`, whose
-`prefill`, `decode` and `reorder_cache` are all that generation needs.
+A backend turns a model source (a SAT checkpoint or a compiled package) into an
+`Executable` for one tensor-parallel rank: `compile(source, mapping, options) ->
+Executable`, whose `prefill`, `decode` and `reorder_cache` are all that generation
+needs.
 """
 
 from __future__ import annotations
@@ -27,14 +28,18 @@ class BackendInfo:
 BACKENDS: dict[str, BackendInfo] = {
     "torch": BackendInfo("torch", "glmc.backends.pytorch", ("cpu", "cuda"),
                          ("float32", "float16", "bfloat16"),
-                         "the PyTorch reference model, eager"),
+                         "the PyTorch reference model, eager; runs checkpoints and packages"),
+    "onnxruntime": BackendInfo("onnxruntime", "glmc.backends.onnxruntime", ("cpu", "cuda"),
+                               ("float32", "float16"),
+                               "ONNX Runtime on a package's fused graphs (CPU in fp32, CUDA)"),
 }
 
 
 @dataclass(frozen=True)
 class CompileOptions:
-    dtype: str | None = None  # None: the checkpoint's own dtype
+    dtype: str | None = None  # None: the source's own dtype
     device: str = "cpu"
+    threads: int | None = None  # intra-op threads (None: the backend's default)
 
 
 def backend_info(name: str) -> BackendInfo:
@@ -45,8 +50,9 @@ def backend_info(name: str) -> BackendInfo:
 
 
 def compile(backend: str, source: Any, mapping: Mapping = Mapping(),
-            options: CompileOptions = CompileOptions()):
-    """Build the Executable of `mapping.rank` on the named backend."""
+            options: CompileOptions = CompileOptions(), comm=None):
+    """Build the Executable of `mapping.rank` on the named backend; `comm` (glmc.model.parallel.Collectives)
+    connects the ranks when `mapping.tp_size` > 1."""
     info = backend_info(backend)
     if options.device.split(":")[0] not in info.devices:
         raise GlmcError(f"backend '{info.name}' does not run on device '{options.device}' "
@@ -54,4 +60,4 @@ def compile(backend: str, source: Any, mapping: Mapping = Mapping(),
     if options.dtype is not None and options.dtype not in info.dtypes:
         raise GlmcError(f"backend '{info.name}' does not support dtype '{options.dtype}' "
                         f"(choose from {', '.join(info.dtypes)})")
-    return importlib.import_module(info.module).compile(source, mapping, options)
+    return importlib.import_module(info.module).compile(source, mapping, options, comm)

@@ -27,16 +27,36 @@ class TorchExecutable:
         out = self.model(tokens, position_ids, attention_mask, cache)
         return out.logits, out.kv_cache
 
+    def cache_length(self, cache: KVCache) -> int:
+        return int(cache[0][0].shape[2])
+
     def reorder_cache(self, cache: KVCache, index: torch.Tensor) -> KVCache:
         return [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache]
 
 
-def compile(source, mapping: Mapping, options) -> TorchExecutable:
+def compile(source, mapping: Mapping, options, comm=None) -> TorchExecutable:
     from glmc.checkpoint import SatCheckpoint, load_model
+    from glmc.graphs import Package
 
-    if not isinstance(source, SatCheckpoint):
-        raise GlmcError(f"the torch backend cannot run {type(source).__name__}")
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise GlmcError("--device cuda: no CUDA device is available to PyTorch on this machine")
+    if options.threads:
+        torch.set_num_threads(options.threads)
     dtype = DTYPES[options.dtype] if options.dtype else None
-    return TorchExecutable(load_model(source, mapping, dtype=dtype, device=options.device))
+    if isinstance(source, SatCheckpoint):
+        return TorchExecutable(load_model(source, mapping, dtype=dtype, device=options.device, comm=comm))
+    if isinstance(source, Package):
+        return TorchExecutable(model_from_package(source, mapping, dtype, options.device, comm))
+    raise GlmcError(f"the torch backend cannot run {type(source).__name__}")
+
+
+def model_from_package(package, mapping: Mapping, dtype, device, comm=None) -> GLMModel:
+    """The reference modules fed with the package's weights of `mapping.rank`."""
+    if package.tp_size != mapping.tp_size:
+        raise GlmcError(f"{package.root}: exported for TP {package.tp_size}, asked to run at TP {mapping.tp_size}")
+    dtype = dtype or DTYPES[package.dtype]
+    model = GLMModel(package.config, mapping, dtype=dtype, comm=comm)
+    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in package.state_dict(mapping.rank).items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.rotary_cos, model.rotary_sin = model.rotary_cos.to(device), model.rotary_sin.to(device)
+    return model.eval()

@@ -13,6 +13,7 @@ boolean [batch, 1, seq, past + seq] with True = masked out.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,7 @@ class GLM:
             mask = mask.unsqueeze(0)
         if tokens.shape != position_ids.shape:
             raise GlmcError(f"tokens {list(tokens.shape)} and position_ids {list(position_ids.shape)} differ")
-        past = 0 if cache is None else _cache_length(cache)
+        past = 0 if cache is None else self.executable.cache_length(cache)
         if mask.shape[-2:] != (tokens.shape[1], past + tokens.shape[1]):
             raise GlmcError(f"attention_mask must end in [{tokens.shape[1]}, {past + tokens.shape[1]}] "
                             f"(new tokens x cached + new), got {list(mask.shape)}")
@@ -169,8 +170,17 @@ def _as_batch(values, dtype, name) -> torch.Tensor:
     return tensor
 
 
-def _cache_length(cache) -> int:
-    return int(cache[0][0].shape[2])
+def open_source(path: str | os.PathLike | None, config: str | GLMConfig | None = None):
+    """A compiled package (a folder with manifest.json) or a SAT checkpoint."""
+    from glmc.checkpoint import SatCheckpoint
+    from glmc.graphs import Package
+    from glmc.graphs.package import MANIFEST
+
+    root = Path(path) if path is not None else EMBEDDED_DEFAULT
+    if (root / MANIFEST).is_file():
+        return Package.open(root)
+    model_config = from_name(config) if isinstance(config, str) else config
+    return SatCheckpoint.open(root, model_config)
 
 
 def load(
@@ -183,21 +193,101 @@ def load(
     tokenizer: str | os.PathLike | None = None,
     tokenizer_variant: str | None = None,
     special_tokens: SpecialTokens | None = None,
+    threads: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> GLM:
-    """Open a SAT checkpoint (the embedded default model when `path` is None) on a backend."""
-    from glmc.checkpoint import SatCheckpoint
+    """Open a SAT checkpoint or a compiled package on a backend.
 
-    root = Path(path) if path is not None else EMBEDDED_DEFAULT
-    model_config = from_name(config) if isinstance(config, str) else config
-    ckpt = SatCheckpoint.open(root, model_config)
+    With no path the embedded default model runs; a backend that needs a package
+    (onnxruntime) gets one exported on the fly into `cache_dir` (default
+    ~/.cache/glmc) and reused afterwards.
+    """
+    from glmc.graphs import Package
+
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
-    executable = backends.compile(backend, ckpt, Mapping(), backends.CompileOptions(dtype=dtype, device=device))
+    backends.backend_info(backend)
+    if path is None and backend != "torch":
+        path = exported_default(Path(cache_dir) if cache_dir else DEFAULT_CACHE, dtype or "float32")
+    source = open_source(path, config)
+    options = backends.CompileOptions(dtype=dtype, device=device, threads=threads)
+    executable = backends.compile(backend, source, Mapping(), options)
+    if isinstance(source, Package):
+        tok, metadata = resolve_package_tokenizer(source, tokenizer, tokenizer_variant), source.manifest
+    else:
+        tok, metadata = resolve_tokenizer(source, tokenizer, tokenizer_variant), source.metadata
+    special = special_tokens or _special_from_metadata(metadata) or (tok.special if tok else None)
+    if special is None and source.config.vocab_size > GLM130B_SPECIAL_TOKENS.dblock:
+        special = GLM130B_SPECIAL_TOKENS
+    return GLM(executable, source.config, special, tok, device)
+
+
+DEFAULT_CACHE = Path("~/.cache/glmc").expanduser()
+
+
+def export(
+    checkpoint: str | os.PathLike | None,
+    output: str | os.PathLike,
+    *,
+    tp_size: int = 1,
+    dtype: str | None = None,
+    target: str = "onnxruntime",
+    config: str | GLMConfig | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    tokenizer_variant: str | None = None,
+    overwrite: bool = False,
+    progress=None,
+) -> Path:
+    """Compile a SAT checkpoint (the embedded model when None) into a package for `target`."""
+    from glmc.checkpoint import SatCheckpoint
+    from glmc.graphs import write_package
+
+    root = Path(checkpoint) if checkpoint is not None else EMBEDDED_DEFAULT
+    model_config = from_name(config) if isinstance(config, str) else config
+    ckpt = SatCheckpoint.open(root, model_config)
     tok = resolve_tokenizer(ckpt, tokenizer, tokenizer_variant)
-    special = special_tokens or _special_from_metadata(ckpt.metadata) or (tok.special if tok else None)
+    special = _special_from_metadata(ckpt.metadata) or (tok.special if tok else None)
     if special is None and ckpt.config.vocab_size > GLM130B_SPECIAL_TOKENS.dblock:
         special = GLM130B_SPECIAL_TOKENS
-    return GLM(executable, ckpt.config, special, tok, device)
+    tokenizer_entry = None
+    if tok is not None:
+        tokenizer_entry = {"text_offset": tok.text_offset, "variant": tok.variant,
+                           "command_base": tok.special.mask}
+    return write_package(ckpt, Path(output), tp_size=tp_size, dtype=dtype, target=target,
+                         tokenizer=tokenizer_entry, tokenizer_file=tok.path if tok else None,
+                         special_tokens=special.to_dict() if special else None, overwrite=overwrite,
+                         progress=progress)
+
+
+def exported_default(cache_dir: Path, dtype: str, target: str = "onnxruntime") -> Path:
+    """The embedded model's package for `target`, exported once into `cache_dir`."""
+    from glmc import __version__
+    from glmc.errors import GlmcError
+    from glmc.fileio import sha256_of
+    from glmc.graphs import Package, PackageError
+
+    digest = hashlib.sha256(f"{__version__} {target} {dtype}".encode())
+    for file in sorted(p for p in EMBEDDED_DEFAULT.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(EMBEDDED_DEFAULT)} {sha256_of(file)}".encode())
+    path = cache_dir / f"default-{target}-{dtype}-{digest.hexdigest()[:16]}"
+    try:
+        Package.open(path)
+        return path
+    except PackageError:
+        pass
+    try:
+        return export(None, path, dtype=dtype, target=target, overwrite=True)
+    except OSError as error:
+        raise GlmcError(f"cannot write the exported default model to {cache_dir}: {error.strerror or error}") from None
+
+
+def resolve_package_tokenizer(package, path, variant) -> IceTokenizer | None:
+    section = package.manifest.get("tokenizer") or {}
+    if path is None and "model" not in section:
+        return None
+    return IceTokenizer(path if path is not None else package.root / section["model"],
+                        text_offset=int(section.get("text_offset", 20000)), command_base=section.get("command_base"),
+                        variant=variant or section.get("variant", "icetk"))
 
 
 def resolve_tokenizer(ckpt, path, variant) -> IceTokenizer | None:

@@ -55,3 +55,31 @@ def sat_tiny_npz(name: str):
 def sat_tiny_weights() -> dict[str, torch.Tensor]:
     state = torch.load(SAT_TINY / "checkpoint/1000/mp_rank_00_model_states.pt", weights_only=True)["module"]
     return {k.removeprefix("transformer."): v for k, v in state.items()}
+
+
+def _export(checkpoint, path, **options):
+    from glmc.api import export
+
+    return export(checkpoint, path, **options)
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tiny_checkpoint, tmp_path_factory):
+    """glm-tiny compiled for ONNX Runtime (fused), TP 1, fp32."""
+    return _export(tiny_checkpoint, tmp_path_factory.mktemp("pkg") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_package_unfused(tiny_checkpoint, tmp_path_factory):
+    return _export(tiny_checkpoint, tmp_path_factory.mktemp("pkg") / "tiny-unfused", target="unfused")
+
+
+@pytest.fixture(scope="session")
+def tiny_package_tp2(tiny_checkpoint, tmp_path_factory):
+    return _export(tiny_checkpoint, tmp_path_factory.mktemp("pkg") / "tiny-tp2", tp_size=2)
+
+
+@pytest.fixture(scope="session")
+def sat_tiny_package(tmp_path_factory):
+    """The SAT golden model compiled for ONNX Runtime."""
+    return _export(SAT_TINY / "checkpoint", tmp_path_factory.mktemp("pkg") / "sat-tiny")

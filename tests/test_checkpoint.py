@@ -18,7 +18,7 @@ from glmc.checkpoint import SatCheckpoint, convert_checkpoint, load_model, model
 from glmc.checkpoint.layout import Copy, _block_copies
 from glmc.checkpoint.sat import save_shard
 from glmc.config import PRESETS, GLMConfig, Mapping
-from glmc.errors import CheckpointError
+from glmc.errors import CheckpointError, GlmcError
 from glmc.model import GLMModel
 from glmc.quantization import dequantize, pack_int4, quantize, unpack_int4
 
@@ -304,7 +304,7 @@ def test_convert_writes_nothing_when_it_fails(tiny_checkpoint, tmp_path, monkeyp
 def test_convert_refuses_to_overwrite_without_force(tiny_checkpoint, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out/keep.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(GlmcError, match="already exists"):
         convert_checkpoint(SatCheckpoint.open(tiny_checkpoint), tmp_path / "out", 2)
     assert (tmp_path / "out/keep.txt").read_text() == "mine"
     convert_checkpoint(SatCheckpoint.open(tiny_checkpoint), tmp_path / "out", 2, overwrite=True)

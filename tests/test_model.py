@@ -91,7 +91,7 @@ def test_each_layer_matches_independent_computation(tiny_model, kind):
     weights = weights_of(tiny_model)
     ref = oracle.forward(weights, tiny_model.config.__dict__, tokens, positions, mask)
     pos = torch.from_numpy(positions)
-    cos, sin = tiny_model.rotary_cos[pos].unsqueeze(2), tiny_model.rotary_sin[pos].unsqueeze(2)
+    cos, sin = tiny_model.rotary_cos[pos].unsqueeze(1), tiny_model.rotary_sin[pos].unsqueeze(1)
     inputs = [weights["word_embeddings.weight"][tokens], *ref["hidden_states"][:-1]]
     with torch.no_grad():
         for i, layer in enumerate(tiny_model.layers):

@@ -1,8 +1,9 @@
 """glmc against the original code: SAT 0.2.12 + GLM-130B's generate.py (tests/data/sat_oracle, sat_tiny).
 
 With PyTorch's AVX2 CPU kernels on one thread (the kernels the golden data was
-made with) glmc's numbers are bit-identical to the original's; elsewhere they
-agree within the tolerance table. `test_bit_identical_with_the_original_kernels`
+made with) the torch backend's numbers are bit-identical to the original's;
+elsewhere, and on ONNX Runtime, they agree within the tolerance table and the
+generated tokens are the same. `test_bit_identical_with_the_original_kernels`
 reruns this file in that mode, where every comparison demands equality.
 """
 
@@ -84,9 +85,14 @@ class _AllPositionLogits:
         return getattr(self.executable, name)
 
 
-@pytest.fixture(scope="module")
-def sat_tiny():
-    model = glmc.load(SAT_TINY / "checkpoint", special_tokens=TINY_SPECIAL)
+@pytest.fixture(scope="module", params=["torch"] if BIT_EXACT else ["torch", "onnxruntime"])
+def sat_tiny(request):
+    """The golden model on each backend (ONNX Runtime runs it compiled: same tokens, logits within tolerance)."""
+    if request.param == "torch":
+        model = glmc.load(SAT_TINY / "checkpoint", special_tokens=TINY_SPECIAL)
+    else:
+        model = glmc.load(request.getfixturevalue("sat_tiny_package"), backend="onnxruntime",
+                          special_tokens=TINY_SPECIAL)
     if BIT_EXACT:
         model.executable = _AllPositionLogits(model.executable)
     return model

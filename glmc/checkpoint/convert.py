@@ -19,14 +19,13 @@ from glmc.config import Mapping
 from glmc.errors import CheckpointError
 from glmc.quantization import SUPPORTED_BITS, quantize
 from glmc.checkpoint.layout import QUANTIZED, apply_copies, base_name, copy_plan, full_shapes, layer_index
+from glmc.fileio import atomic_directory, write_text_atomic
 from glmc.checkpoint.sat import (
     CONFIG_FILE,
     SatCheckpoint,
-    atomic_directory,
     config_to_sat_args,
     save_shard,
     shard_name,
-    write_text_atomic,
 )
 
 Progress = Callable[[str], None]

@@ -12,14 +12,13 @@ from glmc.config import GLMConfig, Mapping
 from glmc.model import GLMModel
 from glmc.model.parallel import Collectives
 from glmc.checkpoint.convert import iter_rank_weights
+from glmc.fileio import atomic_directory, write_text_atomic
 from glmc.checkpoint.sat import (
     CONFIG_FILE,
     SatCheckpoint,
-    atomic_directory,
     config_to_sat_args,
     save_shard,
     shard_name,
-    write_text_atomic,
 )
 
 

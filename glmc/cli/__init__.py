@@ -18,8 +18,9 @@ def cli() -> None:
     \b
     Commands:
       run       fill blanks ([MASK], [sMASK], [gMASK]) and generate text
+      export    compile a SAT checkpoint into a package of optimised per-rank graphs
       convert   change the tensor-parallel degree of a SAT checkpoint, optionally quantize
-      inspect   validate a SAT checkpoint and describe it
+      inspect   validate a checkpoint or a package and describe it
 
     Run `glmc COMMAND --help` for each command's options.
     """
@@ -27,7 +28,7 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every error is one line on stderr; exit 1 for bad input, 2 for bad usage."""
-    from glmc.cli import convert, inspect, run  # noqa: F401  (registers the commands)
+    from glmc.cli import convert, export, inspect, run  # noqa: F401  (registers the commands)
 
     try:
         cli.main(args=argv, prog_name="glmc", standalone_mode=False)

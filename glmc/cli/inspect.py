@@ -1,42 +1,114 @@
-"""`glmc inspect`: validate a SAT checkpoint and describe it."""
+"""`glmc inspect`: validate a SAT checkpoint or a compiled package and describe it."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import click
 
 from glmc.cli import cli
 
+FUSED_OPS = ("Attention", "RotaryEmbedding", "GeGLU", "AllReduce")
+
 
 @cli.command()
-@click.argument("checkpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--config", "config_name", metavar="NAME",
               help="Model preset for a checkpoint without model_config.json.")
+@click.option("--verify-weights", is_flag=True,
+              help="For a package, also check the sha256 of the weight files (reads every byte).")
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
-def inspect(checkpoint, config_name, as_json):
-    """Check every shard of CHECKPOINT (keys, shapes, dtypes, one TP layout) and describe it."""
+def inspect(path, config_name, verify_weights, as_json):
+    """Check PATH and describe it.
+
+    A SAT checkpoint: every shard's keys, shapes and dtypes, one TP layout. A
+    package: every file against the manifest, then per graph the op histogram,
+    the fused-op counts, the softmax precisions and the weight bytes.
+    """
+    from glmc.graphs.package import MANIFEST
+
+    if (path / MANIFEST).is_file():
+        info = _package(path, verify_weights)
+    else:
+        info = _checkpoint(path, config_name)
+    if as_json:
+        click.echo(json.dumps(info, ensure_ascii=False))
+    else:
+        click.echo(_text(info))
+
+
+def _checkpoint(path: Path, config_name: str | None) -> dict:
     from glmc.checkpoint import SatCheckpoint
     from glmc.config import from_name
 
-    ckpt = SatCheckpoint.open(checkpoint, from_name(config_name) if config_name else None)
+    ckpt = SatCheckpoint.open(path, from_name(config_name) if config_name else None)
     shards = [ckpt.shard_path(r) for r in range(ckpt.tp_size)]
-    info = {
-        "path": str(ckpt.root), "iteration": ckpt.iteration, "tp_size": ckpt.tp_size,
+    return {
+        "kind": "checkpoint", "path": str(ckpt.root), "iteration": ckpt.iteration, "tp_size": ckpt.tp_size,
         "dtype": str(ckpt.info.float_dtype).removeprefix("torch."),
         "quantization_bits": ckpt.info.quantization_bits, "config": ckpt.config.to_dict(),
         "parameters": ckpt.config.parameter_count(),
         "shards": [{"file": str(s), "bytes": s.stat().st_size} for s in shards],
         "glmc": ckpt.metadata,
     }
-    if as_json:
-        click.echo(json.dumps(info, ensure_ascii=False))
-        return
-    c = ckpt.config
-    click.echo(f"{ckpt.root}: valid SAT checkpoint, iteration {ckpt.iteration}")
-    click.echo(f"  model   {c.num_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads, "
-               f"GeGLU {c.inner_hidden_size}, vocab {c.vocab_size}, max length {c.max_sequence_length}")
-    click.echo(f"  weights {info['parameters']:,} parameters, {ckpt.info.describe()}, TP {ckpt.tp_size}")
-    for shard in info["shards"]:
-        click.echo(f"  {shard['file']}  {shard['bytes'] / 2**20:.1f} MiB")
+
+
+def graph_summary(path: Path) -> dict:
+    """Op histogram, fused-op counts and softmax precisions of one graph file."""
+    import onnx_ir as ir
+
+    from glmc.passes.fp32_softmax import softmax_dtypes
+
+    model = ir.load(path)
+    ops = Counter(f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in model.graph.all_nodes())
+    return {
+        "ops": dict(sorted(ops.items())),
+        "fused": {op: sum(c for name, c in ops.items() if name.split(".")[-1] == op) for op in FUSED_OPS},
+        "softmax": dict(Counter(softmax_dtypes(model))),
+        "nodes": sum(ops.values()),
+    }
+
+
+def _package(path: Path, verify_weights: bool) -> dict:
+    from glmc.graphs import Package
+
+    package = Package.open(path, verify="full" if verify_weights else "sizes")
+    ranks = []
+    for rank, entry in enumerate(package.manifest["ranks"]):
+        ranks.append({
+            "rank": rank,
+            "weight_bytes": package.weights_path(rank).stat().st_size,
+            "graphs": {kind: graph_summary(package.graph_path(rank, kind)) for kind in entry["graphs"]},
+        })
+    manifest = package.manifest
+    return {"kind": "package", "path": str(package.root), "tp_size": package.tp_size, "dtype": package.dtype,
+            "target": package.target, "config": manifest["config"], "source": manifest["source"],
+            "passes": manifest["passes"], "ranks": ranks, "glmc_version": manifest["glmc_version"]}
+
+
+def _text(info: dict) -> str:
+    c = info["config"]
+    model = (f"{c['num_layers']} layers, hidden {c['hidden_size']}, {c['num_attention_heads']} heads, "
+             f"GeGLU {c['inner_hidden_size']}, vocab {c['vocab_size']}, max length {c['max_sequence_length']}")
+    if info["kind"] == "checkpoint":
+        bits = f"int{info['quantization_bits']} weights" if info["quantization_bits"] else "no quantization"
+        lines = [f"{info['path']}: valid SAT checkpoint, iteration {info['iteration']}",
+                 f"  model   {model}",
+                 f"  weights {info['parameters']:,} parameters, {info['dtype']}, {bits}, TP {info['tp_size']}"]
+        lines += [f"  {s['file']}  {s['bytes'] / 2**20:.1f} MiB" for s in info["shards"]]
+        return "\n".join(lines)
+    lines = [f"{info['path']}: valid glmc package (glmc {info['glmc_version']}), TP {info['tp_size']}, "
+             f"{info['dtype']}, target {info['target']}",
+             f"  model   {model}",
+             f"  source  {info['source']['checkpoint']} (iteration {info['source']['iteration']}, "
+             f"TP {info['source']['tp_size']})"]
+    for rank in info["ranks"]:
+        lines.append(f"  rank {rank['rank']}: weights {rank['weight_bytes'] / 2**20:.1f} MiB")
+        for kind, graph in rank["graphs"].items():
+            fused = ", ".join(f"{op} {n}" for op, n in graph["fused"].items() if n)
+            softmax = ", ".join(f"{k} x{v}" for k, v in graph["softmax"].items())
+            lines.append(f"    {kind}: {graph['nodes']} nodes; fused: {fused or 'none'}; softmax: {softmax}")
+            lines.append("      " + " ".join(f"{op}:{n}" for op, n in graph["ops"].items()))
+    return "\n".join(lines)

@@ -21,6 +21,9 @@ QUERY_PROMPT = "\nPlease Input Query (stop to exit) >>> "
 @click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path),
               help="SAT checkpoint directory (DIR/latest, DIR/<iter>/mp_rank_XX_model_states.pt). "
                    "Default: the embedded model shipped with glmc.", show_default=False)
+@click.option("--package", type=click.Path(file_okay=False, path_type=Path),
+              help="Package written by `glmc export`. With neither, the embedded model runs (exported on "
+                   "the fly into --cache-dir for backends that need a package).", show_default=False)
 @click.option("--config", "config_name", metavar="NAME",
               help="Model preset (glm-130b, glm-tiny, glm-bench) for a checkpoint without "
                    "model_config.json. Default: read it, or match the weights against the presets.")
@@ -30,7 +33,12 @@ QUERY_PROMPT = "\nPlease Input Query (stop to exit) >>> "
 @click.option("--tokenizer-variant", type=click.Choice(["icetk", "sat-0.3"]),
               help="icetk: what GLM-130B's pinned SAT 0.2.12 runs (whitespace folded). sat-0.3: later "
                    "SAT's tokenizer (tabs, blank runs, bytes kept; different ids).  [default: icetk]")
-@click.option("--backend", default="torch", help="Backend that runs the model (torch).")
+@click.option("--backend", default="torch", help="Backend that runs the model: torch or onnxruntime.")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads. Default: the backend's choice.",
+              show_default=False)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="GLMC_CACHE_DIR",
+              default=Path("~/.cache/glmc").expanduser(),
+              help="Where packages exported on the fly are kept (env GLMC_CACHE_DIR).")
 @click.option("--input-source", metavar="interactive|FILE",
               help="Read prompts from FILE (one per line) or interactively. Default: interactive when "
                    "no PROMPTS are given.", show_default=False)
@@ -66,7 +74,8 @@ QUERY_PROMPT = "\nPlease Input Query (stop to exit) >>> "
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object per prompt (input, answers, blanks, token ids, scores) "
                    "instead of text.")
-def run(prompts, checkpoint, config_name, tokenizer, tokenizer_variant, backend, input_source, with_id,
+def run(prompts, checkpoint, package, config_name, tokenizer, tokenizer_variant, backend, threads, cache_dir,
+        input_source, with_id,
         output_path, no_output_files, out_seq_length, min_gen_length, sampling_strategy, temperature,
         top_k, top_p, num_beams, length_penalty, no_repeat_ngram_size, beam_sampling, print_all_beams,
         batch_size, seed, dtype, device, as_json):
@@ -82,10 +91,13 @@ def run(prompts, checkpoint, config_name, tokenizer, tokenizer_variant, backend,
       glmc run "Tsinghua University is located in [MASK], China."
       glmc run --checkpoint CKPT --sampling-strategy BeamSearchStrategy "Who is Turing? [gMASK]"
       glmc run --checkpoint CKPT --input-source prompts.txt --with-id --output-path out/
+      glmc run --package PKG --backend onnxruntime "GLM-130B is [MASK]."
     """
     import glmc
     from glmc.generation.strategies import BaseStrategy, BeamSearchStrategy
 
+    if checkpoint and package:
+        raise click.UsageError("give --checkpoint or --package, not both")
     if prompts and input_source:
         raise click.UsageError("give PROMPTS or --input-source, not both")
     if with_id and not (input_source and input_source != "interactive"):
@@ -96,8 +108,9 @@ def run(prompts, checkpoint, config_name, tokenizer, tokenizer_variant, backend,
     else:
         strategy = BaseStrategy(temperature, top_k, top_p, min_gen_length=min_gen_length, seed=seed)
 
-    model = glmc.load(checkpoint, backend=backend, dtype=dtype, device=device, config=config_name,
-                      tokenizer=tokenizer, tokenizer_variant=tokenizer_variant)
+    model = glmc.load(checkpoint or package, backend=backend, dtype=dtype, device=device, config=config_name,
+                      tokenizer=tokenizer, tokenizer_variant=tokenizer_variant, threads=threads,
+                      cache_dir=cache_dir)
     writer = _Writer(None if no_output_files else output_path, as_json, print_all_beams)
 
     def generate(items: list[tuple[str | None, str]], stream: bool = False) -> None:

@@ -37,6 +37,8 @@ class Executable(Protocol):
 
     def reorder_cache(self, cache: object, index: torch.Tensor) -> object: ...
 
+    def cache_length(self, cache: object) -> int: ...
+
 
 class Strategy(Protocol):
     num_beams: int

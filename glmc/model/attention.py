@@ -35,7 +35,7 @@ class SelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [b, s, h]
-        cos: torch.Tensor,  # [b, s, 1, hd] at the position ids
+        cos: torch.Tensor,  # [b, 1, s, hd] at the position ids
         sin: torch.Tensor,
         mask: torch.Tensor,  # [b|1, 1, s, past + s] bool, True = masked
         past: tuple[torch.Tensor, torch.Tensor] | None,  # k, v [b, heads, past, hd]
@@ -43,10 +43,9 @@ class SelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         b, s, _ = x.shape
         qkv = self.query_key_value(x, comm).view(b, s, self.num_heads, 3 * self.head_dim)
-        q, k, v = qkv.split(self.head_dim, dim=-1)  # each [b, s, heads, hd]
+        q, k, v = (t.transpose(1, 2) for t in qkv.split(self.head_dim, dim=-1))  # each [b, heads, s, hd]
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, hd]
         if past is not None:
             k = torch.cat((past[0], k), dim=2)  # [b, heads, past + s, hd]
             v = torch.cat((past[1], v), dim=2)

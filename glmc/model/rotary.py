@@ -36,5 +36,5 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [b, s, heads, hd]; cos, sin [b, s, 1, hd] gathered at the position ids."""
+    """x [b, heads, s, hd]; cos, sin [b, 1, s, hd] gathered at the position ids."""
     return x * cos + rotate_half(x) * sin

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from glmc.config import GLMConfig, Mapping
@@ -106,8 +107,8 @@ class GLMModel(nn.Module):
         x = self.word_embeddings(tokens, comm)  # [b, s, h]
         if self.embedding_grad_scale != 1.0 and torch.is_grad_enabled():
             x = _ScaleGradient.apply(x, self.embedding_grad_scale)
-        cos = self.rotary_cos[position_ids].unsqueeze(2)  # [b, s, 1, hd]
-        sin = self.rotary_sin[position_ids].unsqueeze(2)
+        cos = F.embedding(position_ids, self.rotary_cos).unsqueeze(1)  # [b, 1, s, hd]
+        sin = F.embedding(position_ids, self.rotary_sin).unsqueeze(1)
         new_cache: KVCache = []
         hidden_states = []
         for i, layer in enumerate(self.layers):
@@ -119,5 +120,5 @@ class GLMModel(nn.Module):
         if last_logits_only:
             x = x[:, -1:]
         x = self.final_layernorm(x)
-        logits = comm.all_gather_last(torch.nn.functional.linear(x, self.word_embeddings.weight))
+        logits = comm.all_gather_last(F.linear(x, self.word_embeddings.weight))
         return ModelOutput(logits, new_cache, tuple(hidden_states) if output_hidden_states else None)

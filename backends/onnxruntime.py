@@ -1,0 +1,142 @@
+"""The ONNX Runtime backend: a package's prefill and decode graphs in two sessions.
+
+Both sessions read one rank's weights from one memory-mapped file (given to ONNX
+Runtime as external initializers), so the weights are in memory once. The KV
+cache stays in OrtValues bound through IO binding from one step to the next; beam
+search reorders it with a gather on the batch axis.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import numpy as np
+import onnx
+import torch
+
+from glmc.config import Mapping
+from glmc.errors import GlmcError
+from glmc.graphs.segments import Segment, split
+from glmc.model.parallel import Collectives, SingleRank
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def import_onnxruntime():
+    installed = set()
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            importlib.metadata.version(dist)
+            installed.add(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if len(installed) > 1:
+        raise GlmcError("both onnxruntime and onnxruntime-gpu are installed; they overwrite each other's "
+                        "module: uninstall both, then install exactly one (glmc[cpu] or glmc[gpu])")
+    try:
+        import onnxruntime
+    except ImportError:
+        raise GlmcError("the onnxruntime backend needs ONNX Runtime: pip install 'glmc[cpu]' "
+                        "(or 'glmc[gpu]' on CUDA hosts)") from None
+    return onnxruntime
+
+
+class OrtExecutable:
+    def __init__(self, package, mapping: Mapping, *, device: str = "cpu", threads: int | None = None,
+                 comm: Collectives | None = None):
+        ort = import_onnxruntime()
+        self.ort, self.package, self.mapping = ort, package, mapping
+        self.config = package.config
+        self.comm = comm if comm is not None else (SingleRank() if mapping.tp_size == 1 else None)
+        if self.comm is None:
+            raise GlmcError(f"rank {mapping.rank} of a TP-{mapping.tp_size} package needs collectives")
+        kind = device.split(":")[0]
+        provider = PROVIDERS.get(kind)
+        if provider is None or provider not in ort.get_available_providers():
+            raise GlmcError(f"--device {device}: ONNX Runtime here offers {', '.join(ort.get_available_providers())}")
+        if kind == "cpu" and package.dtype != "float32":
+            raise GlmcError(f"{package.root}: a {package.dtype} package needs a GPU (ONNX Runtime has no fp16 "
+                            "CPU kernels for MatMul/Softmax); export with --dtype float32 to run on CPU")
+        self.device_kind = "cuda" if kind == "cuda" else "cpu"
+        self.device_id = int(device.split(":")[1]) if ":" in device else 0
+        # One memory map of the rank's weights, shared by every session.
+        self._weights = np.memmap(package.weights_path(mapping.rank), dtype=np.uint8, mode="r")
+        self._initializers = {  # must outlive the sessions
+            name: ort.OrtValue.ortvalue_from_numpy(package.tensor(mapping.rank, name, self._weights))
+            for name in package.manifest["ranks"][mapping.rank]["tensors"]}
+        providers = [provider] if kind == "cpu" else [(provider, {"device_id": self.device_id})]
+        # Each graph runs as the segments between its AllReduce nodes (one segment at TP 1).
+        self.graphs: dict[str, list[tuple[object, Segment]]] = {}
+        for graph in ("prefill", "decode"):
+            proto = onnx.load(str(package.graph_path(mapping.rank, graph)), load_external_data=False)
+            self.graphs[graph] = [(self._session(segment, providers, threads), segment) for segment in split(proto)]
+        layers = self.config.num_layers
+        self._cache_outputs = [f"present_key_{i}" for i in range(layers)] + [f"present_value_{i}" for i in range(layers)]
+        self._cache_inputs = [f"past_key_{i}" for i in range(layers)] + [f"past_value_{i}" for i in range(layers)]
+
+    def _session(self, segment: Segment, providers, threads):
+        options = self.ort.SessionOptions()
+        options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        names = [t.name for t in segment.model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        options.add_external_initializers(names, [self._initializers[n] for n in names])
+        return self.ort.InferenceSession(segment.model.SerializeToString(), options, providers=providers)
+
+    def _ortvalue(self, array: np.ndarray):
+        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_kind, self.device_id)
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray], cache=None):
+        values = {name: self._ortvalue(array) for name, array in feeds.items()}
+        if cache is not None:
+            values.update(zip(self._cache_inputs, cache))
+        for session, segment in self.graphs[graph]:
+            binding = session.io_binding()
+            for name in segment.inputs:
+                binding.bind_ortvalue_input(name, values[name])
+            for name in segment.outputs:
+                binding.bind_output(name, self.device_kind, self.device_id)
+            session.run_with_iobinding(binding)
+            values.update(zip(segment.outputs, binding.get_outputs()))
+            for source, target in segment.all_reduces:
+                summed = self.comm.all_reduce(torch.from_numpy(values[source].numpy()))
+                values[target] = self._ortvalue(summed.numpy())
+        logits = self.comm.all_gather_last(torch.from_numpy(values["logits"].numpy()))
+        return logits, [values[name] for name in self._cache_outputs]
+
+    @staticmethod
+    def _inputs(tokens, position_ids, attention_mask) -> dict[str, np.ndarray]:
+        return {"tokens": tokens.cpu().numpy().astype(np.int64),
+                "position_ids": position_ids.cpu().numpy().astype(np.int64),
+                "attention_mask": attention_mask.cpu().numpy().astype(bool)}
+
+    def prefill(self, tokens, position_ids, attention_mask, *, last_only: bool = True):
+        if last_only:
+            return self._run("prefill", self._inputs(tokens, position_ids, attention_mask))
+        # Every position's logits: the decode graph over an empty past.
+        heads = self.config.num_attention_heads // self.mapping.tp_size
+        empty = np.zeros((tokens.shape[0], heads, 0, self.config.head_dim), dtype=np.dtype(self.package.dtype))
+        cache = [self._ortvalue(empty) for _ in self._cache_inputs]
+        return self._run("decode", self._inputs(tokens, position_ids, attention_mask), cache)
+
+    def decode(self, tokens, position_ids, attention_mask, cache):
+        return self._run("decode", self._inputs(tokens, position_ids, attention_mask), cache)
+
+    def cache_length(self, cache) -> int:
+        return int(cache[0].shape()[2])
+
+    def reorder_cache(self, cache, index: torch.Tensor):
+        rows = index.cpu().numpy()
+        return [self._ortvalue(value.numpy()[rows]) for value in cache]
+
+
+def compile(source, mapping: Mapping, options, comm: Collectives | None = None) -> OrtExecutable:
+    from glmc.graphs import Package
+
+    if not isinstance(source, Package):
+        raise GlmcError("the onnxruntime backend runs compiled packages: export one with `glmc export`")
+    if source.tp_size != mapping.tp_size:
+        raise GlmcError(f"{source.root}: exported for TP {source.tp_size}, asked to run at TP {mapping.tp_size}")
+    if options.dtype is not None and options.dtype != source.dtype:
+        raise GlmcError(f"{source.root}: exported in {source.dtype}; --dtype {options.dtype} needs another export")
+    return OrtExecutable(source, mapping, device=options.device, threads=options.threads, comm=comm)

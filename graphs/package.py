@@ -1,0 +1,263 @@
+"""Compiled packages: per-rank graphs, each rank's weights stored once, and a manifest.
+
+    PACKAGE/manifest.json            what is inside, how it was made, size and sha256 of every file
+    PACKAGE/tokenizer/ice_text.model (when the source has one)
+    PACKAGE/rank0/prefill.onnx       graphs of rank 0, weights as external data in ...
+    PACKAGE/rank0/decode.onnx
+    PACKAGE/rank0/weights.bin        ... one file, shared by both graphs, tensors 4 KiB-aligned
+    PACKAGE/rank1/...
+
+A package appears only once complete (written to a temporary folder, then
+renamed). Opening one checks every file against the manifest: sizes always,
+digests of the graphs always, digests of the weights on request (`verify="full"`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from glmc import __version__
+from glmc.config import GLMConfig, Mapping
+from glmc.errors import GlmcError
+from glmc.fileio import atomic_directory, sha256_of, write_text_atomic
+from glmc.graphs.trace import GRAPHS, ExportError, export_graph
+
+FORMAT, FORMAT_VERSION = "glmc-package", 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.bin"
+ALIGNMENT = 4096  # page-aligned tensors can be memory-mapped in place
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TRANSPOSED = ".T"  # an initializer `W.T` holds the parameter `W` transposed (passes.prepack_weights)
+
+
+class PackageError(GlmcError):
+    """A package that is missing, incomplete, or does not match its manifest."""
+
+
+def _rank_dir(rank: int) -> str:
+    return f"rank{rank}"
+
+
+def write_weights(models: list[ir.Model], path: Path) -> dict[str, dict[str, Any]]:
+    """Write every floating-point initializer of `models` once into `path`; point the models at it.
+
+    Returns the tensor table: name -> offset, length, dtype, shape. Lazy tensors (the
+    pre-transposed weights) are computed here, one at a time.
+    """
+    table: dict[str, dict[str, Any]] = {}
+    external: dict[str, ir.ExternalTensor] = {}
+    with open(path, "wb") as f:
+        for model in models:
+            for value in model.graph.initializers.values():
+                tensor = value.const_value
+                if not tensor.dtype.is_floating_point():
+                    continue  # index and shape constants stay in the graph, where shape inference reads them
+                if value.name in external:
+                    known = table[value.name]
+                    if known["dtype"] != tensor.dtype.name or known["shape"] != list(tensor.shape):
+                        raise ExportError(f"graphs of one rank disagree on initializer {value.name}")
+                    value.const_value = external[value.name]
+                    continue
+                offset = -f.tell() % ALIGNMENT + f.tell()
+                f.seek(offset)
+                # Written block by block from views of the source: no whole-tensor copies.
+                blocks = tensor.chunks() if hasattr(tensor, "chunks") else [tensor.numpy()]
+                for block in blocks:
+                    f.write(memoryview(np.ascontiguousarray(block).reshape(-1).view(np.uint8)))
+                length = f.tell() - offset
+                table[value.name] = {"offset": offset, "length": length, "dtype": tensor.dtype.name,
+                                     "shape": [int(d) for d in tensor.shape]}
+                external[value.name] = ir.ExternalTensor(
+                    path.name, offset, length, tensor.dtype, shape=ir.Shape(tensor.shape), name=value.name,
+                    base_dir=str(path.parent))
+                value.const_value = external[value.name]
+    return table
+
+
+def weight_map(state_names: list[str], table: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Reference-model parameter -> the initializer that stores it (and whether transposed)."""
+    out = {}
+    for name in state_names:
+        if name in table:
+            out[name] = {"initializer": name, "transposed": False}
+        elif name + TRANSPOSED in table:
+            out[name] = {"initializer": name + TRANSPOSED, "transposed": True}
+        else:
+            raise ExportError(f"parameter {name} is stored in no graph of the rank")
+    return out
+
+
+Progress = Callable[[str], None]
+
+
+def write_package(
+    ckpt,
+    out_dir: Path,
+    *,
+    tp_size: int = 1,
+    dtype: str | None = None,
+    target: str = "onnxruntime",
+    tokenizer: dict[str, Any] | None = None,
+    tokenizer_file: Path | None = None,
+    special_tokens: dict[str, int] | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Export `ckpt` (a SatCheckpoint) rank by rank: trace, optimise, write graphs and weights."""
+    from glmc.checkpoint import load_model
+    from glmc.passes import optimize, target_named
+
+    target_spec = target_named(target)
+    dtype = dtype or str(ckpt.info.float_dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise PackageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    if ckpt.info.quantization_bits is not None:
+        raise PackageError(f"{ckpt.root}: exporting quantized (int{ckpt.info.quantization_bits}) checkpoints is "
+                           "not supported yet; export the unquantized checkpoint")
+    config: GLMConfig = ckpt.config
+    config.check_mapping(Mapping(tp_size, 0))
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, overwrite) as tmp:
+        ranks, passes, declined = [], {}, {}
+        for rank in range(tp_size):
+            model = load_model(ckpt, Mapping(tp_size, rank), dtype=DTYPES[dtype])
+            graphs = {}
+            for kind in GRAPHS:
+                if progress:
+                    progress(f"rank {rank}: tracing {kind}")
+                graph = export_graph(model, kind)
+                if progress:
+                    progress(f"rank {rank}: optimising {kind}")
+                graph, counts, reasons = optimize(graph, target_spec)
+                graphs[kind] = graph
+                passes[kind], declined[kind] = counts, reasons
+            rank_dir = tmp / _rank_dir(rank)
+            rank_dir.mkdir()
+            if progress:
+                progress(f"rank {rank}: writing weights")
+            table = write_weights(list(graphs.values()), rank_dir / WEIGHTS)
+            for kind, graph in graphs.items():
+                ir.save(graph, rank_dir / f"{kind}.onnx")
+            ranks.append({
+                "rank": rank,
+                "graphs": {kind: f"{_rank_dir(rank)}/{kind}.onnx" for kind in GRAPHS},
+                "graph_weights": {kind: sorted(n for n in graph.graph.initializers if n in table)
+                                  for kind, graph in graphs.items()},
+                "weights": f"{_rank_dir(rank)}/{WEIGHTS}",
+                "tensors": table,
+                "parameters": weight_map(list(model.state_dict().keys() - {"rotary_cos", "rotary_sin"}), table),
+            })
+            del model, graphs
+        tokenizer_entry = None
+        if tokenizer_file is not None:
+            (tmp / "tokenizer").mkdir()
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer" / "ice_text.model")
+            tokenizer_entry = dict(tokenizer or {}, model="tokenizer/ice_text.model")
+        files = {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            files[str(path.relative_to(tmp))] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "glmc_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": config.to_dict(), "tp_size": tp_size, "dtype": dtype, "target": target_spec.to_dict(),
+            "logits": "vocab-parallel: rank r returns vocabulary rows [r * V / tp, (r + 1) * V / tp)",
+            "tokenizer": tokenizer_entry, "special_tokens": special_tokens,
+            "source": {"checkpoint": str(Path(ckpt.root).resolve()), "iteration": ckpt.iteration,
+                       "tp_size": ckpt.tp_size, "dtype": str(ckpt.info.float_dtype).removeprefix("torch.")},
+            "passes": passes, "declined": declined, "ranks": ranks, "files": files,
+        }
+        write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    return out_dir
+
+
+@dataclass(frozen=True)
+class Package:
+    root: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path, verify: str = "sizes") -> "Package":
+        """Open and check a package: `verify` is "sizes" (sizes of all files, digests of the
+        graphs) or "full" (digests of everything, weights included)."""
+        root = Path(path)
+        if not root.is_dir():
+            raise PackageError(f"{root}: no such package directory")
+        manifest_path = root / MANIFEST
+        if not manifest_path.is_file():
+            raise PackageError(f"{root}: not a glmc package (no {MANIFEST}; was the export interrupted?)")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise PackageError(f"{manifest_path}: unreadable manifest ({error})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise PackageError(f"{manifest_path}: not a glmc package manifest")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise PackageError(f"{manifest_path}: package format {manifest.get('format_version')}, this glmc "
+                               f"reads format {FORMAT_VERSION}; export it again")
+        package = cls(root, manifest)
+        package.verify(full=verify == "full")
+        return package
+
+    def verify(self, full: bool = False) -> None:
+        for name, expected in self.manifest["files"].items():
+            path = self.root / name
+            if not path.is_file():
+                raise PackageError(f"{path}: missing (listed in {MANIFEST})")
+            size = path.stat().st_size
+            if size != expected["bytes"]:
+                raise PackageError(f"{path}: {size} bytes, the manifest says {expected['bytes']} "
+                                   "(truncated or replaced)")
+            if (full or not name.endswith(WEIGHTS)) and sha256_of(path) != expected["sha256"]:
+                raise PackageError(f"{path}: contents differ from the manifest (sha256 mismatch: edited or corrupt)")
+
+    @property
+    def config(self) -> GLMConfig:
+        return GLMConfig.from_dict(self.manifest["config"])
+
+    @property
+    def tp_size(self) -> int:
+        return int(self.manifest["tp_size"])
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    @property
+    def target(self) -> str:
+        return self.manifest["target"]["name"]
+
+    def graph_path(self, rank: int, kind: str) -> Path:
+        return self.root / self.manifest["ranks"][rank]["graphs"][kind]
+
+    def graph_weights(self, rank: int, kind: str) -> list[str]:
+        """Names of the weights (in the rank's weights file) that graph `kind` reads."""
+        return self.manifest["ranks"][rank]["graph_weights"][kind]
+
+    def weights_path(self, rank: int) -> Path:
+        return self.root / self.manifest["ranks"][rank]["weights"]
+
+    def tensor(self, rank: int, name: str, mmap: np.memmap | None = None) -> np.ndarray:
+        """One initializer of `rank`, read from its weights file (a read-only view when memory-mapped)."""
+        entry = self.manifest["ranks"][rank]["tensors"][name]
+        data = mmap if mmap is not None else np.memmap(self.weights_path(rank), dtype=np.uint8, mode="r")
+        raw = data[entry["offset"]: entry["offset"] + entry["length"]]
+        return raw.view(ir.DataType[entry["dtype"]].numpy()).reshape(entry["shape"])
+
+    def state_dict(self, rank: int) -> dict[str, torch.Tensor]:
+        """The reference model's parameters of `rank`, as the graphs store them, un-transposed."""
+        data = np.memmap(self.weights_path(rank), dtype=np.uint8, mode="r")
+        state = {}
+        for name, entry in self.manifest["ranks"][rank]["parameters"].items():
+            array = self.tensor(rank, entry["initializer"], data)
+            tensor = torch.from_numpy(np.array(array.T if entry["transposed"] else array))
+            state[name] = tensor
+        return state

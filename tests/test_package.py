@@ -1,0 +1,213 @@
+"""`glmc export` packages: layout, manifest, checker, fused counts, TP 2, and refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from glmc import backends
+from glmc.cli.inspect import graph_summary
+from glmc.config import Mapping
+from glmc.graphs import Package, PackageError
+from glmc.graphs.package import MANIFEST
+from tolerances import assert_close
+
+
+def test_layout_and_manifest(tiny_package, tiny_checkpoint):
+    package = Package.open(tiny_package, verify="full")
+    manifest = package.manifest
+    assert sorted(p.name for p in (tiny_package / "rank0").iterdir()) == ["decode.onnx", "prefill.onnx", "weights.bin"]
+    assert manifest["format"] == "glmc-package" and manifest["tp_size"] == 1 and manifest["dtype"] == "float32"
+    assert manifest["target"]["name"] == "onnxruntime" and manifest["config"]["num_layers"] == 3
+    assert manifest["source"]["iteration"] == "1000" and manifest["special_tokens"]["[MASK]"] == 1000
+    assert set(manifest["files"]) == {"rank0/decode.onnx", "rank0/prefill.onnx", "rank0/weights.bin"}
+    for name, entry in manifest["files"].items():
+        assert (tiny_package / name).stat().st_size == entry["bytes"] and len(entry["sha256"]) == 64
+
+
+def test_weights_are_stored_once_and_shared(tiny_package, tiny_model):
+    package = Package.open(tiny_package)
+    weights = tiny_package / "rank0" / "weights.bin"
+    parameter_bytes = sum(p.numel() * 4 for p in tiny_model.parameters())
+    assert parameter_bytes <= weights.stat().st_size < 1.5 * parameter_bytes  # once, plus alignment
+    for kind in ("prefill", "decode"):
+        proto = onnx.load(str(package.graph_path(0, kind)), load_external_data=False)
+        external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert external and all({e.key: e.value for e in t.external_data}["location"] == "weights.bin"
+                                for t in external)
+    state = package.state_dict(0)  # un-transposed, bit-exact
+    for name, tensor in tiny_model.state_dict().items():
+        if not name.startswith("rotary"):
+            assert torch.equal(state[name], tensor), name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_fused_graphs_pass_the_full_checker(tiny_checkpoint, tiny_package, tmp_path, dtype):
+    from glmc.api import export
+
+    path = tiny_package if dtype == "float32" else export(tiny_checkpoint, tmp_path / "fp16", dtype="float16")
+    package = Package.open(path)
+    layers = package.config.num_layers
+    for kind in ("prefill", "decode"):
+        graph = package.graph_path(0, kind)
+        onnx.checker.check_model(str(graph), full_check=True)
+        summary = graph_summary(graph)
+        assert summary["fused"] == {"Attention": layers, "RotaryEmbedding": 2 * layers, "GeGLU": layers,
+                                    "AllReduce": 0}
+        assert summary["softmax"] == {"FLOAT": layers}  # every softmax in FP32, also in the fp16 graph
+        assert "Softmax" not in summary["ops"]
+        if dtype == "float16":
+            proto = onnx.load(str(graph), load_external_data=False)
+            logits = next(o for o in proto.graph.output if o.name == "logits")
+            assert logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_decode_graph_takes_one_token_and_an_empty_past(tiny_package, tiny_model):
+    executable = backends.compile("onnxruntime", Package.open(tiny_package))
+    tokens, positions = torch.tensor([[5]]), torch.tensor([[0]])
+    logits, cache = executable.prefill(tokens, positions, torch.zeros(1, 1, 1, 1, dtype=torch.bool), last_only=False)
+    with torch.no_grad():
+        expected = tiny_model(tokens, positions, torch.zeros(1, 1, 1, 1, dtype=torch.bool)).logits
+    assert_close(logits, expected, "float32", "one token, empty past")
+    assert cache[0].numpy().shape == (1, 8, 1, 8)
+
+
+class _ThreadSum:
+    """Ranks in threads of one process: the all-reduce and all-gather summed by hand."""
+
+    def __init__(self, size: int):
+        self.size, self.barrier, self.slots = size, threading.Barrier(size), {}
+
+    def rank(self, rank: int):
+        shared = self
+
+        class Rank:
+            def _exchange(self, x, combine):
+                shared.slots[rank] = x
+                shared.barrier.wait()
+                result = combine([shared.slots[r] for r in range(shared.size)])
+                shared.barrier.wait()
+                return result
+
+            def all_reduce(self, x):
+                return self._exchange(x, sum)
+
+            def all_gather_last(self, x):
+                return self._exchange(x, lambda parts: torch.cat(parts, -1))
+
+        return Rank()
+
+
+def test_tp2_graphs_all_reduced_equal_tp1(tiny_package, tiny_package_tp2):
+    package = Package.open(tiny_package_tp2)
+    layers = package.config.num_layers
+    for rank in range(2):
+        for kind in ("prefill", "decode"):
+            # One after the embedding lookup, one after each row-parallel matmul.
+            assert graph_summary(package.graph_path(rank, kind))["fused"]["AllReduce"] == 2 * layers + 1
+    rng = np.random.default_rng(2)
+    tokens = torch.from_numpy(rng.integers(0, 1000, (2, 9)))
+    positions = torch.arange(9).repeat(2, 1)
+    mask = ~torch.ones(9, 9, dtype=torch.bool).tril()
+    mask[:, :5] = False
+    mask = mask[None, None].repeat(2, 1, 1, 1)
+    reference, _ = backends.compile("onnxruntime", Package.open(tiny_package)).prefill(
+        tokens, positions, mask, last_only=False)
+    comm = _ThreadSum(2)
+    executables = [backends.compile("onnxruntime", package, Mapping(2, r), comm=comm.rank(r)) for r in range(2)]
+    results = [None, None]
+
+    def run(rank):
+        results[rank] = executables[rank].prefill(tokens, positions, mask, last_only=False)[0]
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for rank in range(2):
+        assert_close(results[rank], reference, "float32", f"TP 2 rank {rank} vs TP 1")
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+def _copy(package, tmp_path):
+    return shutil.copytree(package, tmp_path / "copy")
+
+
+def test_truncated_weights(tiny_package, tmp_path):
+    path = _copy(tiny_package, tmp_path)
+    weights = path / "rank0" / "weights.bin"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(PackageError, match=r"weights\.bin: 1000 bytes, the manifest says \d+ \(truncated"):
+        Package.open(path)
+
+
+def test_edited_graph(tiny_package, tmp_path):
+    path = _copy(tiny_package, tmp_path)
+    graph = path / "rank0" / "decode.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    graph.write_bytes(bytes(data))
+    with pytest.raises(PackageError, match=r"decode\.onnx: contents differ from the manifest \(sha256"):
+        Package.open(path)
+
+
+def test_edited_weights_are_caught_by_a_full_check(tiny_package, tmp_path):
+    path = _copy(tiny_package, tmp_path)
+    weights = path / "rank0" / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0x01
+    weights.write_bytes(bytes(data))
+    Package.open(path)  # sizes match
+    with pytest.raises(PackageError, match="sha256 mismatch"):
+        Package.open(path, verify="full")
+
+
+def test_missing_manifest(tiny_package, tmp_path):
+    path = _copy(tiny_package, tmp_path)
+    (path / MANIFEST).unlink()
+    with pytest.raises(PackageError, match="not a glmc package"):
+        Package.open(path)
+    result = subprocess.run([sys.executable, "-m", "glmc", "inspect", str(path)], capture_output=True, text=True)
+    assert result.returncode == 1 and "no 'latest' file" in result.stderr  # neither package nor checkpoint
+    result = subprocess.run([sys.executable, "-m", "glmc", "run", "--package", str(path), "--backend", "onnxruntime",
+                             "x"], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+
+
+def test_cli_export_and_inspect(tiny_checkpoint, tmp_path):
+    out = tmp_path / "pkg"
+    result = subprocess.run([sys.executable, "-m", "glmc", "export", str(tiny_checkpoint), "-o", str(out),
+                             "--json", "--no-progress"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["passes"]["decode"]["fuse_attention"] == 3 and summary["peak_rss_bytes"] > 0
+    info = json.loads(subprocess.run([sys.executable, "-m", "glmc", "inspect", str(out), "--json"],
+                                     capture_output=True, text=True).stdout)
+    assert info["kind"] == "package" and info["ranks"][0]["graphs"]["prefill"]["fused"]["Attention"] == 3
+    again = subprocess.run([sys.executable, "-m", "glmc", "export", str(tiny_checkpoint), "-o", str(out)],
+                           capture_output=True, text=True)
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_an_interrupted_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    import glmc.graphs.package as package_module
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(package_module, "write_weights", broken)
+    from glmc.api import export
+
+    with pytest.raises(OSError, match="disk full"):
+        export(tiny_checkpoint, tmp_path / "pkg")
+    assert list(tmp_path.iterdir()) == []
