@@ -87,28 +87,35 @@ class OrtExecutable:
         return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_kind, self.device_id)
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray], cache=None):
-        values = {name: self._ortvalue(array) for name, array in feeds.items()}
+        # Host arrays (the step's inputs, all-reduced sums) and OrtValues (the cache, segment
+        # outputs) side by side: binding a host array directly saves wrapping it first.
+        values: dict[str, object] = dict(feeds)
         if cache is not None:
             values.update(zip(self._cache_inputs, cache))
         for session, segment in self.graphs[graph]:
             binding = session.io_binding()
             for name in segment.inputs:
-                binding.bind_ortvalue_input(name, values[name])
+                value = values[name]
+                if isinstance(value, np.ndarray):
+                    if self.device_kind == "cpu":
+                        binding.bind_cpu_input(name, value)
+                        continue
+                    value = values[name] = self._ortvalue(value)
+                binding.bind_ortvalue_input(name, value)
             for name in segment.outputs:
                 binding.bind_output(name, self.device_kind, self.device_id)
             session.run_with_iobinding(binding)
             values.update(zip(segment.outputs, binding.get_outputs()))
             for source, target in segment.all_reduces:
-                summed = self.comm.all_reduce(torch.from_numpy(values[source].numpy()))
-                values[target] = self._ortvalue(summed.numpy())
+                values[target] = self.comm.all_reduce(torch.from_numpy(values[source].numpy())).numpy()
         logits = self.comm.all_gather_last(torch.from_numpy(values["logits"].numpy()))
         return logits, [values[name] for name in self._cache_outputs]
 
     @staticmethod
     def _inputs(tokens, position_ids, attention_mask) -> dict[str, np.ndarray]:
-        return {"tokens": tokens.cpu().numpy().astype(np.int64),
-                "position_ids": position_ids.cpu().numpy().astype(np.int64),
-                "attention_mask": attention_mask.cpu().numpy().astype(bool)}
+        return {"tokens": np.ascontiguousarray(tokens.cpu().numpy(), dtype=np.int64),
+                "position_ids": np.ascontiguousarray(position_ids.cpu().numpy(), dtype=np.int64),
+                "attention_mask": np.ascontiguousarray(attention_mask.cpu().numpy(), dtype=bool)}
 
     def prefill(self, tokens, position_ids, attention_mask, *, last_only: bool = True):
         if last_only:

@@ -7,6 +7,7 @@ at the end a table is printed and bench/results/ receives a JSON file and an SVG
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import pytest
@@ -15,28 +16,33 @@ import torch
 from report import Record, write_report
 
 RECORDS: list[Record] = []
+MACHINE: dict[str, float] = {}
 
 
-def _best_of(fn, repeats: int) -> float:
-    best = float("inf")
+def _timings(fn, repeats: int) -> list[float]:
+    out = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        out.append(time.perf_counter() - start)
+    return out
 
 
 @pytest.fixture(scope="session")
 def machine() -> dict[str, float]:
-    """Read bandwidth (bytes/s) and fp32 matmul throughput (FLOP/s) of this machine, as torch sees them."""
+    """Read bandwidth (bytes/s) and fp32 matmul throughput (FLOP/s) of this machine, as torch sees them.
+
+    Medians of ten runs: one lucky or unlucky run must not move every ratio of the report.
+    """
     torch.manual_seed(0)
     big = torch.randn(2**28)  # 1 GiB of fp32: far beyond the caches
-    bandwidth = big.numel() * 4 / _best_of(big.sum, 5)
+    bandwidth = big.numel() * 4 / statistics.median(_timings(big.sum, 10))
     big = None  # free it before the matmul measurement
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    seconds = _best_of(lambda: a @ b, 5)
-    flops = 2 * 2048**3 / seconds
-    return {"bandwidth": bandwidth, "flops": flops, "threads": torch.get_num_threads()}
+    flops = 2 * 2048**3 / statistics.median(_timings(lambda: a @ b, 10))
+    limits = {"bandwidth": bandwidth, "flops": flops, "threads": torch.get_num_threads()}
+    MACHINE.update(limits)
+    return limits
 
 
 @pytest.fixture
@@ -48,4 +54,4 @@ def record():
 
 def pytest_sessionfinish(session, exitstatus):
     if RECORDS:
-        write_report(RECORDS)
+        write_report(RECORDS, MACHINE)

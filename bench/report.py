@@ -33,12 +33,26 @@ class Record:
 
 
 def table(records: list[Record]) -> str:
-    head = f"{'benchmark':<28}{'model':<11}{'backend':<13}{'ms/call':>10}{'tokens/s':>12}{'of bound':>10}  bound"
+    head = f"{'benchmark':<28}{'model':<11}{'backend':<21}{'ms/call':>10}{'tokens/s':>12}{'of bound':>10}  bound"
     lines = [head, "-" * len(head)]
     for r in records:
-        lines.append(f"{r.name:<28}{r.model:<11}{r.backend:<13}{r.seconds * 1e3:>10.2f}"
+        lines.append(f"{r.name:<28}{r.model:<11}{r.backend:<21}{r.seconds * 1e3:>10.2f}"
                      f"{r.tokens_per_second:>12.1f}{r.fraction_of_bound:>9.1%}  {r.bound}")
     return "\n".join(lines)
+
+
+def ratios(records: list[Record]) -> list[str]:
+    """Speed-ups between backends on the same benchmark and model."""
+    by_key: dict[tuple[str, str], dict[str, Record]] = {}
+    for r in records:
+        by_key.setdefault((r.model, r.name), {})[r.backend] = r
+    lines = []
+    for (model, name), runs in by_key.items():
+        pairs = [("onnxruntime", "torch"), ("onnxruntime", "onnxruntime-unfused"), ("onnxruntime-unfused", "torch")]
+        parts = [f"{a} {runs[b].seconds / runs[a].seconds:.2f}x {b}" for a, b in pairs if a in runs and b in runs]
+        if parts:
+            lines.append(f"{model:<10} {name:<22} " + "; ".join(parts))
+    return lines
 
 
 def svg_bars(records: list[Record]) -> str:
@@ -58,15 +72,24 @@ def svg_bars(records: list[Record]) -> str:
     return "".join(parts)
 
 
-def write_report(records: list[Record]) -> Path:
+def write_report(records: list[Record], machine: dict[str, float]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     meta = {"machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "read_bandwidth_bytes_per_s": machine.get("bandwidth"),
+            "matmul_flops_per_s": machine.get("flops")}
     payload = {"meta": meta, "records": [asdict(r) | {"tokens_per_second": r.tokens_per_second,
                                                       "fraction_of_bound": r.fraction_of_bound} for r in records]}
     (RESULTS / f"{stamp}.json").write_text(json.dumps(payload, indent=2))
     (RESULTS / f"{stamp}.svg").write_text(svg_bars(records))
-    print("\n" + table(records))
+    print(f"\nmachine: read bandwidth {machine.get('bandwidth', 0) / 1e9:.1f} GB/s, fp32 matmul "
+          f"{machine.get('flops', 0) / 1e9:.0f} GFLOP/s, {meta['threads']} threads")
+    print(table(records))
+    speedups = ratios(records)
+    if speedups:
+        print("\nspeed-ups (time of the right / time of the left):")
+        print("\n".join(speedups))
+    payload["ratios"] = speedups
+    (RESULTS / f"{stamp}.json").write_text(json.dumps(payload, indent=2))
     print(f"\nresults: {RESULTS / stamp}.json, plot: {RESULTS / stamp}.svg")
     return RESULTS / f"{stamp}.json"

@@ -14,6 +14,7 @@ digests of the graphs always, digests of the weights on request (`verify="full"`
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from glmc.config import GLMConfig, Mapping
 from glmc.errors import GlmcError
 from glmc.fileio import atomic_directory, sha256_of, write_text_atomic
 from glmc.graphs.trace import GRAPHS, ExportError, export_graph
+from glmc.passes.attention_3d import ungroup_columns
 
 FORMAT, FORMAT_VERSION = "glmc-package", 1
 MANIFEST = "manifest.json"
@@ -37,6 +39,7 @@ WEIGHTS = "weights.bin"
 ALIGNMENT = 4096  # page-aligned tensors can be memory-mapped in place
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TRANSPOSED = ".T"  # an initializer `W.T` holds the parameter `W` transposed (passes.prepack_weights)
+GROUPED = ".qkv"  # ... with its QKV output columns grouped [q | k | v] (passes.attention_3d)
 
 
 class PackageError(GlmcError):
@@ -83,14 +86,20 @@ def write_weights(models: list[ir.Model], path: Path) -> dict[str, dict[str, Any
     return table
 
 
+# How the graphs may store a parameter, as initializer-name suffixes (see passes/prepack_weights
+# and passes/attention_3d), outermost last: ".T" transposed, ".qkv" QKV columns grouped.
+STORAGE_FORMS = (("",), (TRANSPOSED,), (GROUPED,), (TRANSPOSED, GROUPED))
+
+
 def weight_map(state_names: list[str], table: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Reference-model parameter -> the initializer that stores it (and whether transposed)."""
+    """Reference-model parameter -> the initializer that stores it, and the transforms applied."""
     out = {}
     for name in state_names:
-        if name in table:
-            out[name] = {"initializer": name, "transposed": False}
-        elif name + TRANSPOSED in table:
-            out[name] = {"initializer": name + TRANSPOSED, "transposed": True}
+        for suffixes in STORAGE_FORMS:
+            if name + "".join(suffixes) in table:
+                out[name] = {"initializer": name + "".join(suffixes),
+                             "transforms": [{TRANSPOSED: "transpose", GROUPED: "group_qkv"}[s] for s in suffixes if s]}
+                break
         else:
             raise ExportError(f"parameter {name} is stored in no graph of the rank")
     return out
@@ -113,8 +122,7 @@ def write_package(
     progress: Progress | None = None,
 ) -> Path:
     """Export `ckpt` (a SatCheckpoint) rank by rank: trace, optimise, write graphs and weights."""
-    from glmc.checkpoint import load_model
-    from glmc.passes import optimize, target_named
+    from glmc.passes import target_named
 
     target_spec = target_named(target)
     dtype = dtype or str(ckpt.info.float_dtype).removeprefix("torch.")
@@ -129,34 +137,12 @@ def write_package(
     with atomic_directory(out_dir, overwrite) as tmp:
         ranks, passes, declined = [], {}, {}
         for rank in range(tp_size):
-            model = load_model(ckpt, Mapping(tp_size, rank), dtype=DTYPES[dtype])
-            graphs = {}
-            for kind in GRAPHS:
-                if progress:
-                    progress(f"rank {rank}: tracing {kind}")
-                graph = export_graph(model, kind)
-                if progress:
-                    progress(f"rank {rank}: optimising {kind}")
-                graph, counts, reasons = optimize(graph, target_spec)
-                graphs[kind] = graph
-                passes[kind], declined[kind] = counts, reasons
-            rank_dir = tmp / _rank_dir(rank)
-            rank_dir.mkdir()
-            if progress:
-                progress(f"rank {rank}: writing weights")
-            table = write_weights(list(graphs.values()), rank_dir / WEIGHTS)
-            for kind, graph in graphs.items():
-                ir.save(graph, rank_dir / f"{kind}.onnx")
-            ranks.append({
-                "rank": rank,
-                "graphs": {kind: f"{_rank_dir(rank)}/{kind}.onnx" for kind in GRAPHS},
-                "graph_weights": {kind: sorted(n for n in graph.graph.initializers if n in table)
-                                  for kind, graph in graphs.items()},
-                "weights": f"{_rank_dir(rank)}/{WEIGHTS}",
-                "tensors": table,
-                "parameters": weight_map(list(model.state_dict().keys() - {"rotary_cos", "rotary_sin"}), table),
-            })
-            del model, graphs
+            entry, rank_passes, rank_declined = _write_rank(ckpt, Mapping(tp_size, rank), DTYPES[dtype],
+                                                            target_spec, tmp, progress)
+            ranks.append(entry)
+            if rank == 0:  # every rank's graphs have the same structure; rank 0's counts stand for all
+                passes, declined = rank_passes, rank_declined
+            gc.collect()  # the exporter's objects hold the rank's weights in reference cycles
         tokenizer_entry = None
         if tokenizer_file is not None:
             (tmp / "tokenizer").mkdir()
@@ -177,6 +163,40 @@ def write_package(
         }
         write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return out_dir
+
+
+def _write_rank(ckpt, mapping: Mapping, dtype: torch.dtype, target, tmp: Path, progress: Progress | None):
+    """Trace, optimise and write one rank; nothing of it stays referenced once this returns."""
+    from glmc.checkpoint import load_model
+    from glmc.passes import optimize
+
+    rank = mapping.rank
+    model = load_model(ckpt, mapping, dtype=dtype)
+    graphs, passes, declined = {}, {}, {}
+    for kind in GRAPHS:
+        if progress:
+            progress(f"rank {rank}: tracing {kind}")
+        graphs[kind] = export_graph(model, kind)
+        if progress:
+            progress(f"rank {rank}: optimising {kind}")
+        _, passes[kind], declined[kind] = optimize(graphs[kind], target)
+    rank_dir = tmp / _rank_dir(rank)
+    rank_dir.mkdir()
+    if progress:
+        progress(f"rank {rank}: writing weights")
+    table = write_weights(list(graphs.values()), rank_dir / WEIGHTS)
+    for kind, graph in graphs.items():
+        ir.save(graph, rank_dir / f"{kind}.onnx")
+    entry = {
+        "rank": rank,
+        "graphs": {kind: f"{_rank_dir(rank)}/{kind}.onnx" for kind in GRAPHS},
+        "graph_weights": {kind: sorted(n for n in graph.graph.initializers if n in table)
+                          for kind, graph in graphs.items()},
+        "weights": f"{_rank_dir(rank)}/{WEIGHTS}",
+        "tensors": table,
+        "parameters": weight_map(sorted(model.state_dict().keys() - {"rotary_cos", "rotary_sin"}), table),
+    }
+    return entry, passes, declined
 
 
 @dataclass(frozen=True)
@@ -256,8 +276,10 @@ class Package:
         """The reference model's parameters of `rank`, as the graphs store them, un-transposed."""
         data = np.memmap(self.weights_path(rank), dtype=np.uint8, mode="r")
         state = {}
+        heads = self.config.num_attention_heads // self.tp_size
         for name, entry in self.manifest["ranks"][rank]["parameters"].items():
             array = self.tensor(rank, entry["initializer"], data)
-            tensor = torch.from_numpy(np.array(array.T if entry["transposed"] else array))
-            state[name] = tensor
+            for transform in reversed(entry["transforms"]):
+                array = ungroup_columns(array, heads) if transform == "group_qkv" else array.T
+            state[name] = torch.from_numpy(np.array(array))
         return state

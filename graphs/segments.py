@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx
+import onnx.shape_inference
 import onnx.utils
 
 from glmc.graphs.ops import ALL_REDUCE, DOMAIN
@@ -65,7 +66,9 @@ def split(model: onnx.ModelProto) -> list[Segment]:
                     consumed_later[earlier].add(name)
     segments = []
     initializers = {init.name for init in graph.initializer}
-    extractor = onnx.utils.Extractor(model)
+    # The extractor types each segment's inputs and outputs from value_info: infer them
+    # for the values that passes created without one (external weights are not read).
+    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
     for stage in range(count):
         reduce_inputs = {i for i, _ in reduces[stage]} if stage < len(reduces) else set()
         outputs = sorted((consumed_later[stage] | reduce_inputs | (graph_outputs & produced[stage])))

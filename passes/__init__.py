@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from glmc.passes import cleanup, fp32_softmax, fuse_attention, fuse_geglu, fuse_rotary, prepack_weights
+from glmc.passes import (
+    attention_3d,
+    cleanup,
+    fp32_softmax,
+    fuse_attention,
+    fuse_geglu,
+    fuse_rotary,
+    prepack_weights,
+)
 from glmc.passes.base import TARGETS, PassOutcome, Target, target_named
 
 # Order matters:
@@ -16,11 +24,12 @@ from glmc.passes.base import TARGETS, PassOutcome, Target, target_named
 # 2. cleanup folds the exporter's constants and sequences into plain nodes, which the
 #    fusion patterns expect.
 # 3. rotary before attention: the attention pattern starts at the rotated q and k.
-# 4. GeGLU is independent of both.
-# 5. fp32_softmax after the fusions, so it sees what remains of Softmax and the new
+# 4. attention_3d after both: it moves the fused pair onto [b, s, hidden] tensors.
+# 5. GeGLU is independent of all three.
+# 6. fp32_softmax after the fusions, so it sees what remains of Softmax and the new
 #    Attention nodes alike.
-# 6. cleanup again drops what the fusions left unused and merges repeated nodes.
-PIPELINE = (prepack_weights, cleanup, fuse_rotary, fuse_attention, fuse_geglu, fp32_softmax, cleanup)
+# 7. cleanup again drops what the fusions left unused and merges repeated nodes.
+PIPELINE = (prepack_weights, cleanup, fuse_rotary, fuse_attention, attention_3d, fuse_geglu, fp32_softmax, cleanup)
 
 
 def optimize(model: ir.Model, target: Target | str) -> tuple[ir.Model, dict[str, int], dict[str, list[str]]]:

@@ -211,3 +211,42 @@ def test_an_interrupted_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeyp
     with pytest.raises(OSError, match="disk full"):
         export(tiny_checkpoint, tmp_path / "pkg")
     assert list(tmp_path.iterdir()) == []
+
+
+EXPORT_PEAK = """
+import json, sys
+from glmc.api import export
+from glmc.checkpoint import SatCheckpoint
+from glmc.memory import peak_rss_bytes
+import glmc.graphs.trace, onnxscript  # the exporter's own footprint is not the weights'
+SatCheckpoint.open(sys.argv[1])
+before = peak_rss_bytes()
+export(sys.argv[1], sys.argv[2], tp_size=int(sys.argv[3]))
+print(json.dumps({"before": before, "peak": peak_rss_bytes()}))
+"""
+
+
+@pytest.mark.slow
+def test_export_peak_memory_on_glm_bench_stays_near_one_rank(tmp_path):
+    from glmc.checkpoint import model_state, save_checkpoint
+    from glmc.config import PRESETS
+    from glmc.model import GLMModel
+
+    model = GLMModel(PRESETS["glm-bench"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    save_checkpoint(tmp_path / "ckpt", model.config, [model_state(model)])
+    rank_bytes = sum(p.numel() * 4 for p in model.parameters())
+    del model
+    result = subprocess.run([sys.executable, "-c", EXPORT_PEAK, str(tmp_path / "ckpt"), str(tmp_path / "pkg"), "1"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    usage = json.loads(result.stdout.strip().splitlines()[-1])
+    growth = usage["peak"] - usage["before"]
+    print(f"glm-bench rank {rank_bytes / 2**20:.0f} MiB, export peak growth {growth / 2**20:.0f} MiB "
+          f"({growth / rank_bytes:.2f} x)")
+    # The rank's weights once (read from the memory-mapped checkpoint while writing), plus
+    # the tracer's working memory; a second copy of the weights would be 2x.
+    assert growth < 1.4 * rank_bytes
+    assert Package.open(tmp_path / "pkg").manifest["passes"]["decode"]["fuse_attention"] == 12

@@ -11,7 +11,17 @@ import torch
 from onnx.reference import ReferenceEvaluator
 
 from glmc.graphs.trace import export_graph
-from glmc.passes import TARGETS, cleanup, fp32_softmax, fuse_attention, fuse_geglu, fuse_rotary, optimize, prepack_weights
+from glmc.passes import (
+    TARGETS,
+    attention_3d,
+    cleanup,
+    fp32_softmax,
+    fuse_attention,
+    fuse_geglu,
+    fuse_rotary,
+    optimize,
+    prepack_weights,
+)
 from tolerances import assert_close
 
 ONNX_RUNTIME = TARGETS["onnxruntime"]
@@ -179,6 +189,53 @@ def test_attention_fusion_declines_a_small_fill(exported):
     assert any("filled with -5.0, not a large negative" in reason for reason in outcome.declined)
 
 
+# --- attention_3d ---------------------------------------------------------------------------
+
+def fused(exported, kind: str) -> ir.Model:
+    model = fresh(exported, kind)
+    fuse_rotary.run(model, ONNX_RUNTIME)
+    fuse_attention.run(model, ONNX_RUNTIME)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+def test_attention_3d_drops_the_transposes(exported, tiny_model, kind):
+    model = fused(exported, kind)
+    outcome = attention_3d.run(model, ONNX_RUNTIME)
+    cleanup.run(model, ONNX_RUNTIME)
+    layers, heads = tiny_model.config.num_layers, tiny_model.config.num_attention_heads
+    assert outcome.count == layers
+    attention = [n for n in model.graph if n.op_type == "Attention"]
+    assert all(n.attributes["q_num_heads"].as_int() == heads == n.attributes["kv_num_heads"].as_int()
+               for n in attention)
+    split = attention[0].inputs[0].producer().inputs[0].producer().inputs[0].producer()  # Div <- Rotary <- Split
+    assert split.op_type == "Split" and len(split.outputs) == 3  # q, k, v as [b, s, hidden]
+    transposes = ops(model).get("Transpose", 0)
+    # decode: only the embedding lookup's; prefill: also k and v into the returned cache
+    assert transposes == (1 if kind == "decode" else 1 + 2 * layers)
+    weight = model.graph.initializers["layers.1.attention.query_key_value.weight.T.qkv"].const_value.numpy()
+    original = tiny_model.layers[1].attention.query_key_value.weight.detach().numpy().T
+    assert np.array_equal(attention_3d.ungroup_columns(weight, heads), original)
+    if kind == "decode":
+        assert_matches_eager(model, tiny_model, "attention_3d")
+
+
+def test_attention_3d_declines_a_bias_that_is_not_constant(exported):
+    model = fused(exported, "decode")
+    bias = model.graph.initializers.pop("layers.0.attention.query_key_value.bias")
+    bias.const_value = None
+    model.graph.inputs.append(bias)
+    outcome = attention_3d.run(model, ONNX_RUNTIME)
+    assert outcome.count == 2 and "the QKV weight or bias is not a constant" in outcome.declined
+
+
+def test_grouping_columns_round_trips():
+    array = np.arange(2 * 4 * 3 * 5).reshape(2, 4 * 3 * 5)
+    grouped = attention_3d.group_columns(array, heads=4)
+    assert np.array_equal(grouped[:, :5], array[:, :5]) and np.array_equal(grouped[:, 5:10], array[:, 15:20])
+    assert np.array_equal(attention_3d.ungroup_columns(grouped, heads=4), array)
+
+
 # --- fuse_geglu -----------------------------------------------------------------------------
 
 def test_geglu_fusion(exported, tiny_model):
@@ -250,4 +307,4 @@ def test_tensorrt_target_keeps_primitives_and_no_microsoft_ops(exported):
     assert counts["fuse_attention"] == counts["fuse_rotary"] == counts["fuse_geglu"] == 0
     assert {"Attention", "RotaryEmbedding", "GeGLU"}.isdisjoint(ops(model))
     assert all(n.domain in ("", "glmc") for n in model.graph.all_nodes())
-    assert set(declined) == {"fuse_rotary", "fuse_attention", "fuse_geglu"}
+    assert set(declined) == {"fuse_rotary", "fuse_attention", "attention_3d", "fuse_geglu"}
