@@ -40,6 +40,7 @@ class CompileOptions:
     dtype: str | None = None  # None: the source's own dtype
     device: str = "cpu"
     threads: int | None = None  # intra-op threads (None: the backend's default)
+    torch_compile: bool = False  # torch backend: run the model through torch.compile
 
 
 def backend_info(name: str) -> BackendInfo:

@@ -12,19 +12,21 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 class TorchExecutable:
-    def __init__(self, model: GLMModel):
+    def __init__(self, model: GLMModel, *, compiled: bool = False):
         self.model = model
         self.config = model.config
         self.mapping = model.mapping
+        # torch.compile with dynamic shapes: one graph serves every batch and length.
+        self._forward = torch.compile(model, dynamic=True) if compiled else model
 
     @torch.no_grad()
     def prefill(self, tokens, position_ids, attention_mask, *, last_only: bool = True):
-        out = self.model(tokens, position_ids, attention_mask, last_logits_only=last_only)
+        out = self._forward(tokens, position_ids, attention_mask, last_logits_only=last_only)
         return out.logits, out.kv_cache
 
     @torch.no_grad()
     def decode(self, tokens, position_ids, attention_mask, cache: KVCache):
-        out = self.model(tokens, position_ids, attention_mask, cache)
+        out = self._forward(tokens, position_ids, attention_mask, cache)
         return out.logits, out.kv_cache
 
     def cache_length(self, cache: KVCache) -> int:
@@ -44,10 +46,12 @@ def compile(source, mapping: Mapping, options, comm=None) -> TorchExecutable:
         torch.set_num_threads(options.threads)
     dtype = DTYPES[options.dtype] if options.dtype else None
     if isinstance(source, SatCheckpoint):
-        return TorchExecutable(load_model(source, mapping, dtype=dtype, device=options.device, comm=comm))
-    if isinstance(source, Package):
-        return TorchExecutable(model_from_package(source, mapping, dtype, options.device, comm))
-    raise GlmcError(f"the torch backend cannot run {type(source).__name__}")
+        model = load_model(source, mapping, dtype=dtype, device=options.device, comm=comm)
+    elif isinstance(source, Package):
+        model = model_from_package(source, mapping, dtype, options.device, comm)
+    else:
+        raise GlmcError(f"the torch backend cannot run {type(source).__name__}")
+    return TorchExecutable(model, compiled=options.torch_compile)
 
 
 def model_from_package(package, mapping: Mapping, dtype, device, comm=None) -> GLMModel:

@@ -28,21 +28,33 @@ def _timings(fn, repeats: int) -> list[float]:
     return out
 
 
-@pytest.fixture(scope="session")
-def machine() -> dict[str, float]:
-    """Read bandwidth (bytes/s) and fp32 matmul throughput (FLOP/s) of this machine, as torch sees them.
+class Machine:
+    """The machine's limits as torch reaches them: read bandwidth (bytes/s), fp32 matmul FLOP/s.
 
-    Medians of ten runs: one lucky or unlucky run must not move every ratio of the report.
+    Virtual machines' memory bandwidth drifts (seen here: 38 to 72 GB/s within minutes),
+    so a bandwidth-bound benchmark measures it again right before it runs and the
+    bound is the best value seen: a bound must never be slower than the hardware.
     """
-    torch.manual_seed(0)
-    big = torch.randn(2**28)  # 1 GiB of fp32: far beyond the caches
-    bandwidth = big.numel() * 4 / statistics.median(_timings(big.sum, 10))
-    big = None  # free it before the matmul measurement
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    flops = 2 * 2048**3 / statistics.median(_timings(lambda: a @ b, 10))
-    limits = {"bandwidth": bandwidth, "flops": flops, "threads": torch.get_num_threads()}
-    MACHINE.update(limits)
-    return limits
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self._probe = torch.randn(2**28)  # 1 GiB of fp32: far beyond the caches
+        self.bandwidth = 0.0
+        self.measure_bandwidth(10)
+        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        self.flops = 2 * 2048**3 / statistics.median(_timings(lambda: a @ b, 10))
+        self.threads = torch.get_num_threads()
+
+    def measure_bandwidth(self, repeats: int = 3) -> float:
+        best = self._probe.numel() * 4 / min(_timings(self._probe.sum, repeats))
+        self.bandwidth = max(self.bandwidth, best)
+        MACHINE.update(bandwidth=self.bandwidth, flops=getattr(self, "flops", 0.0))
+        return self.bandwidth
+
+
+@pytest.fixture(scope="session")
+def machine() -> Machine:
+    return Machine()
 
 
 @pytest.fixture

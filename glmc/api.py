@@ -177,7 +177,7 @@ def open_source(path: str | os.PathLike | None, config: str | GLMConfig | None =
     from glmc.graphs.package import MANIFEST
 
     root = Path(path) if path is not None else EMBEDDED_DEFAULT
-    if (root / MANIFEST).is_file():
+    if (root / MANIFEST).is_file() or (root / "rank0").is_dir():  # a package, whole or damaged
         return Package.open(root)
     model_config = from_name(config) if isinstance(config, str) else config
     return SatCheckpoint.open(root, model_config)
@@ -194,6 +194,7 @@ def load(
     tokenizer_variant: str | None = None,
     special_tokens: SpecialTokens | None = None,
     threads: int | None = None,
+    torch_compile: bool = False,
     cache_dir: str | os.PathLike | None = None,
 ) -> GLM:
     """Open a SAT checkpoint or a compiled package on a backend.
@@ -210,7 +211,7 @@ def load(
     if path is None and backend != "torch":
         path = exported_default(Path(cache_dir) if cache_dir else DEFAULT_CACHE, dtype or "float32")
     source = open_source(path, config)
-    options = backends.CompileOptions(dtype=dtype, device=device, threads=threads)
+    options = backends.CompileOptions(dtype=dtype, device=device, threads=threads, torch_compile=torch_compile)
     executable = backends.compile(backend, source, Mapping(), options)
     if isinstance(source, Package):
         tok, metadata = resolve_package_tokenizer(source, tokenizer, tokenizer_variant), source.manifest

@@ -94,3 +94,13 @@ def test_beam_search_is_identical(model, reference):
     for g, e in zip(got, expected):
         assert g.token_ids == e.token_ids
         assert np.allclose(g.scores, e.scores, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_torch_compile_option(tiny_package, tiny_model):
+    model = glmc.load(tiny_package, backend="torch", torch_compile=True)
+    tokens, positions, mask = prompt("gmask", length=10, context=6)
+    logits, cache = model.logits(tokens, positions, mask)
+    with torch.no_grad():
+        expected = tiny_model(tokens, positions, mask).logits
+    assert_close(logits, expected, "float32", "torch.compile logits")

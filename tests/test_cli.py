@@ -159,3 +159,16 @@ def test_inspect_reports_checkpoint_problems_in_one_line(tiny_checkpoint, tmp_pa
     (no_latest / "latest").unlink()
     assert_one_line_error(glmc("inspect", str(no_latest)), f"{no_latest}: no 'latest' file")
     assert_one_line_error(glmc("run", "--checkpoint", str(no_latest), "x"), "no 'latest' file")
+
+
+def test_run_onnxruntime_exports_the_default_model_once(tmp_path):
+    args = ["run", "--backend", "onnxruntime", "--cache-dir", str(tmp_path / "cache"), "--no-output-files",
+            "--top-k", "1", "--out-seq-length", "24", "--json", "The sea is [MASK]."]
+    first = glmc(*args)
+    assert first.returncode == 0, first.stderr
+    (package,) = (tmp_path / "cache").iterdir()
+    again = glmc(*args)
+    assert json.loads(again.stdout)["token_ids"] == json.loads(first.stdout)["token_ids"]
+    assert list((tmp_path / "cache").iterdir()) == [package]  # reused, not exported again
+    torch_run = glmc(*[a for a in args if a not in ("--backend", "onnxruntime")])
+    assert json.loads(torch_run.stdout)["token_ids"] == json.loads(first.stdout)["token_ids"]

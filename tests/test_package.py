@@ -178,7 +178,7 @@ def test_missing_manifest(tiny_package, tmp_path):
     with pytest.raises(PackageError, match="not a glmc package"):
         Package.open(path)
     result = subprocess.run([sys.executable, "-m", "glmc", "inspect", str(path)], capture_output=True, text=True)
-    assert result.returncode == 1 and "no 'latest' file" in result.stderr  # neither package nor checkpoint
+    assert result.returncode == 1 and "not a glmc package (no manifest.json" in result.stderr
     result = subprocess.run([sys.executable, "-m", "glmc", "run", "--package", str(path), "--backend", "onnxruntime",
                              "x"], capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.count("\n") == 1
@@ -250,3 +250,21 @@ def test_export_peak_memory_on_glm_bench_stays_near_one_rank(tmp_path):
     # the tracer's working memory; a second copy of the weights would be 2x.
     assert growth < 1.4 * rank_bytes
     assert Package.open(tmp_path / "pkg").manifest["passes"]["decode"]["fuse_attention"] == 12
+
+
+@pytest.mark.parametrize("damage", ["truncate-weights", "edit-graph", "drop-manifest"])
+def test_damaged_packages_give_one_line(tiny_package, tmp_path, damage):
+    path = _copy(tiny_package, tmp_path)
+    if damage == "truncate-weights":
+        weights = path / "rank0" / "weights.bin"
+        weights.write_bytes(weights.read_bytes()[:4096])
+    elif damage == "edit-graph":
+        graph = path / "rank0" / "prefill.onnx"
+        graph.write_bytes(graph.read_bytes() + b"\0")
+    else:
+        (path / MANIFEST).unlink()
+    result = subprocess.run([sys.executable, "-m", "glmc", "run", "--package", str(path), "--backend", "onnxruntime",
+                             "--no-output-files", "x"], capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("glmc: error: "), result.stderr
+    assert "Traceback" not in result.stderr

@@ -29,7 +29,7 @@ def inspect(path, config_name, verify_weights, as_json):
     """
     from glmc.graphs.package import MANIFEST
 
-    if (path / MANIFEST).is_file():
+    if (path / MANIFEST).is_file() or (path / "rank0").is_dir():
         info = _package(path, verify_weights)
     else:
         info = _checkpoint(path, config_name)

@@ -36,6 +36,8 @@ QUERY_PROMPT = "\nPlease Input Query (stop to exit) >>> "
 @click.option("--backend", default="torch", help="Backend that runs the model: torch or onnxruntime.")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads. Default: the backend's choice.",
               show_default=False)
+@click.option("--torch-compile", is_flag=True,
+              help="torch backend: run the model through torch.compile (slow first steps, faster later).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="GLMC_CACHE_DIR",
               default=Path("~/.cache/glmc").expanduser(),
               help="Where packages exported on the fly are kept (env GLMC_CACHE_DIR).")
@@ -74,7 +76,8 @@ QUERY_PROMPT = "\nPlease Input Query (stop to exit) >>> "
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object per prompt (input, answers, blanks, token ids, scores) "
                    "instead of text.")
-def run(prompts, checkpoint, package, config_name, tokenizer, tokenizer_variant, backend, threads, cache_dir,
+def run(prompts, checkpoint, package, config_name, tokenizer, tokenizer_variant, backend, threads, torch_compile,
+        cache_dir,
         input_source, with_id,
         output_path, no_output_files, out_seq_length, min_gen_length, sampling_strategy, temperature,
         top_k, top_p, num_beams, length_penalty, no_repeat_ngram_size, beam_sampling, print_all_beams,
@@ -110,7 +113,7 @@ def run(prompts, checkpoint, package, config_name, tokenizer, tokenizer_variant,
 
     model = glmc.load(checkpoint or package, backend=backend, dtype=dtype, device=device, config=config_name,
                       tokenizer=tokenizer, tokenizer_variant=tokenizer_variant, threads=threads,
-                      cache_dir=cache_dir)
+                      torch_compile=torch_compile, cache_dir=cache_dir)
     writer = _Writer(None if no_output_files else output_path, as_json, print_all_beams)
 
     def generate(items: list[tuple[str | None, str]], stream: bool = False) -> None:
