@@ -9,6 +9,7 @@ search reorders it with a gather on the batch axis.
 from __future__ import annotations
 
 import importlib.metadata
+import time
 
 import numpy as np
 import onnx
@@ -70,6 +71,7 @@ class OrtExecutable:
         for graph in ("prefill", "decode"):
             proto = onnx.load(str(package.graph_path(mapping.rank, graph)), load_external_data=False)
             self.graphs[graph] = [(self._session(segment, providers, threads), segment) for segment in split(proto)]
+        self.run_seconds = 0.0  # time inside ONNX Runtime's runs (the rest: binding, transfers, collectives)
         layers = self.config.num_layers
         self._cache_outputs = [f"present_key_{i}" for i in range(layers)] + [f"present_value_{i}" for i in range(layers)]
         self._cache_inputs = [f"past_key_{i}" for i in range(layers)] + [f"past_value_{i}" for i in range(layers)]
@@ -104,7 +106,9 @@ class OrtExecutable:
                 binding.bind_ortvalue_input(name, value)
             for name in segment.outputs:
                 binding.bind_output(name, self.device_kind, self.device_id)
+            start = time.perf_counter()
             session.run_with_iobinding(binding)
+            self.run_seconds += time.perf_counter() - start
             values.update(zip(segment.outputs, binding.get_outputs()))
             for source, target in segment.all_reduces:
                 values[target] = self.comm.all_reduce(torch.from_numpy(values[source].numpy())).numpy()

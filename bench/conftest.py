@@ -13,6 +13,10 @@ import time
 import pytest
 import torch
 
+from glmc.api import export
+from glmc.checkpoint import model_state, save_checkpoint
+from glmc.config import PRESETS
+from glmc.model import GLMModel
 from report import Record, write_report
 
 RECORDS: list[Record] = []
@@ -55,6 +59,28 @@ class Machine:
 @pytest.fixture(scope="session")
 def machine() -> Machine:
     return Machine()
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory):
+    """Per preset: a checkpoint with random weights, and its fused and unfused packages."""
+    made = {}
+
+    def get(preset: str):
+        if preset not in made:
+            root = tmp_path_factory.mktemp(preset)
+            model = GLMModel(PRESETS[preset])
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.normal_(0, 0.02)
+            save_checkpoint(root / "ckpt", model.config, [model_state(model)])
+            del model
+            made[preset] = {"checkpoint": root / "ckpt",
+                            "onnxruntime": export(root / "ckpt", root / "fused"),
+                            "unfused": export(root / "ckpt", root / "unfused", target="unfused")}
+        return made[preset]
+
+    return get
 
 
 @pytest.fixture

@@ -22,6 +22,9 @@ class Record:
     tokens: int  # tokens processed per call
     bound_seconds: float  # the hardware's lower bound for that call
     bound: str  # which limit: "bandwidth" or "compute"
+    tp: int = 1
+    collective_seconds: float | None = None  # of `seconds`, spent in all-reduce / all-gather on rank 0
+    split_seconds: float | None = None  # of `seconds`, spent between ONNX Runtime segments (binding, copies)
 
     @property
     def tokens_per_second(self) -> float:
@@ -41,11 +44,25 @@ def table(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
+def tp_table(records: list[Record]) -> str:
+    rows = [r for r in records if r.collective_seconds is not None]
+    if not rows:
+        return ""
+    head = f"{'model':<11}{'backend':<13}{'TP':>3}{'ms/token':>10}{'in collectives':>16}{'between segments':>18}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        split = f"{r.split_seconds / r.seconds:>17.1%}" if r.split_seconds is not None else f"{'-':>17}"
+        lines.append(f"{r.model:<11}{r.backend:<13}{r.tp:>3}{r.seconds * 1e3:>10.2f}"
+                     f"{r.collective_seconds / r.seconds:>16.1%} {split}")
+    return "\n".join(lines)
+
+
 def ratios(records: list[Record]) -> list[str]:
     """Speed-ups between backends on the same benchmark and model."""
     by_key: dict[tuple[str, str], dict[str, Record]] = {}
     for r in records:
-        by_key.setdefault((r.model, r.name), {})[r.backend] = r
+        if r.tp == 1:
+            by_key.setdefault((r.model, r.name), {})[r.backend] = r
     lines = []
     for (model, name), runs in by_key.items():
         pairs = [("onnxruntime", "torch"), ("onnxruntime", "onnxruntime-unfused"), ("onnxruntime-unfused", "torch")]
@@ -85,6 +102,10 @@ def write_report(records: list[Record], machine: dict[str, float]) -> Path:
     print(f"\nmachine: read bandwidth {machine.get('bandwidth', 0) / 1e9:.1f} GB/s, fp32 matmul "
           f"{machine.get('flops', 0) / 1e9:.0f} GFLOP/s, {meta['threads']} threads")
     print(table(records))
+    parallel = tp_table(records)
+    if parallel:
+        print("\ntensor parallelism (share of each decode step on rank 0):")
+        print(parallel)
     speedups = ratios(records)
     if speedups:
         print("\nspeed-ups (time of the right / time of the left):")

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from glmc import backends
-from glmc.api import export
-from glmc.checkpoint import SatCheckpoint, model_state, save_checkpoint
+from glmc.checkpoint import SatCheckpoint
 from glmc.config import PRESETS
 from glmc.graphs import Package
 from glmc.model import GLMModel
@@ -22,28 +21,6 @@ from report import Record
 PAST = 128
 PREFILL = 512
 RUNS = [("torch", None), ("onnxruntime", "onnxruntime"), ("onnxruntime-unfused", "unfused")]
-
-
-@pytest.fixture(scope="session")
-def sources(tmp_path_factory):
-    """Per preset: a checkpoint with random weights, and its fused and unfused packages."""
-    made = {}
-
-    def get(preset: str):
-        if preset not in made:
-            root = tmp_path_factory.mktemp(preset)
-            model = GLMModel(PRESETS[preset])
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.normal_(0, 0.02)
-            save_checkpoint(root / "ckpt", model.config, [model_state(model)])
-            del model
-            made[preset] = {"checkpoint": root / "ckpt",
-                            "onnxruntime": export(root / "ckpt", root / "fused"),
-                            "unfused": export(root / "ckpt", root / "unfused", target="unfused")}
-        return made[preset]
-
-    return get
 
 
 @pytest.fixture(scope="module", params=[(p, r) for p in ("glm-tiny", "glm-bench") for r in RUNS],

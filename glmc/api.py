@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -72,12 +74,38 @@ def _is_english(text: str) -> bool:
 
 
 class GLM:
-    """A model ready to run: an Executable, its config, command ids and (optionally) tokenizer."""
+    """A model ready to run: an Executable, its config, command ids and (optionally) tokenizer.
+
+    With tensor parallelism the other ranks run in worker processes: `close()` (or a
+    `with` block) stops them.
+    """
 
     def __init__(self, executable, config: GLMConfig, special: SpecialTokens | None,
-                 tokenizer: IceTokenizer | None = None, device: str = "cpu"):
+                 tokenizer: IceTokenizer | None = None, device: str = "cpu", cluster=None):
         self.executable, self.config, self.special = executable, config, special
         self.tokenizer, self.device = tokenizer, device
+        self.cluster = cluster
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+
+    def __enter__(self) -> "GLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def _reporting(self):
+        """Failures of a multi-rank run become one GlmcError naming the rank."""
+        try:
+            yield
+        except (RuntimeError, OSError) as error:
+            if self.cluster is None:
+                raise
+            raise self.cluster.error(error) from None
 
     # (a) logits ------------------------------------------------------------------------------
     def logits(self, tokens, position_ids, attention_mask, cache=None) -> tuple[torch.Tensor, object]:
@@ -100,10 +128,11 @@ class GLM:
         if int(tokens.max()) >= self.config.vocab_size or int(tokens.min()) < 0:
             raise GlmcError(f"token ids must lie in [0, {self.config.vocab_size})")
         args = (tokens.to(self.device), position_ids.to(self.device), mask.to(self.device))
-        if cache is None:
-            logits, cache = self.executable.prefill(*args, last_only=False)
-        else:
-            logits, cache = self.executable.decode(*args, cache)
+        with self._reporting():
+            if cache is None:
+                logits, cache = self.executable.prefill(*args, last_only=False)
+            else:
+                logits, cache = self.executable.decode(*args, cache)
         return logits.float(), cache
 
     # (b) generation --------------------------------------------------------------------------
@@ -119,19 +148,20 @@ class GLM:
         items = [prompts] if single else list(prompts)
         strategy = strategy if strategy is not None else BaseStrategy()
         built = [self.prompt(p) for p in items]
-        filled = fill_blanks(self.executable, built, strategy, self._special(), out_seq_length=out_seq_length,
-                             max_sequence_length=self.config.max_sequence_length, device=self.device,
-                             on_step=on_step)
+        with self._reporting():
+            filled = fill_blanks(self.executable, built, strategy, self.special_tokens(),
+                                 out_seq_length=out_seq_length, max_sequence_length=self.config.max_sequence_length,
+                                 device=self.device, on_step=on_step)
         results = [self._result(p, f) for p, f in zip(built, filled)]
         return results[0] if single else results
 
     def prompt(self, prompt: str | Sequence[int]) -> Prompt:
         if isinstance(prompt, str):
-            return prompt_from_text(prompt, self._tokenizer().tokenize, self._special())
+            return prompt_from_text(prompt, self._tokenizer().tokenize, self.special_tokens())
         ids = [int(i) for i in prompt]
         if any(not 0 <= i < self.config.vocab_size for i in ids):
             raise GlmcError(f"prompt token ids must lie in [0, {self.config.vocab_size})")
-        return prompt_from_ids(ids, self._special())
+        return prompt_from_ids(ids, self.special_tokens())
 
     def _result(self, prompt: Prompt, filled: Filled) -> Generation:
         tok = self.tokenizer
@@ -151,10 +181,12 @@ class GLM:
     def _tokenizer(self) -> IceTokenizer:
         if self.tokenizer is None:
             raise GlmcError(f"this model has no tokenizer: put icetk's ice_text.model in {ICETK_MODEL.parent}/ "
-                            "or pass --tokenizer FILE (glmc never downloads it), or give prompts as token ids")
+                            "or pass --tokenizer FILE (glmc never downloads it), or give prompts as token ids "
+                            "(--token-ids)")
         return self.tokenizer
 
-    def _special(self) -> SpecialTokens:
+    def special_tokens(self) -> SpecialTokens:
+        """The command ids (an error naming what to pass when they are unknown)."""
         if self.special is None:
             raise GlmcError("the command token ids of this model are unknown: pass a tokenizer or "
                             "special_tokens")
@@ -196,12 +228,19 @@ def load(
     threads: int | None = None,
     torch_compile: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    tp_size: int = 1,
+    collective_timeout: float = 20.0,
+    on_failure=None,
+    spawn: bool = True,
 ) -> GLM:
     """Open a SAT checkpoint or a compiled package on a backend.
 
     With no path the embedded default model runs; a backend that needs a package
     (onnxruntime) gets one exported on the fly into `cache_dir` (default
-    ~/.cache/glmc) and reused afterwards.
+    ~/.cache/glmc) and reused afterwards. With `tp_size` > 1 this process runs rank
+    0 and starts the other ranks as worker processes (close the model to stop them);
+    a rank that hangs stops the run after `collective_timeout` seconds. `spawn=False`:
+    the ranks were started by torchrun, this process being rank 0.
     """
     from glmc.graphs import Package
 
@@ -212,7 +251,20 @@ def load(
         path = exported_default(Path(cache_dir) if cache_dir else DEFAULT_CACHE, dtype or "float32")
     source = open_source(path, config)
     options = backends.CompileOptions(dtype=dtype, device=device, threads=threads, torch_compile=torch_compile)
-    executable = backends.compile(backend, source, Mapping(), options)
+    cluster = None
+    if tp_size > 1:
+        from glmc.runtime.launch import Cluster, RankSpec
+
+        if isinstance(source, Package) and source.tp_size != tp_size:
+            raise GlmcError(f"{source.root}: exported for TP {source.tp_size}, asked to run at TP {tp_size}")
+        source.config.check_mapping(Mapping(tp_size, 0))
+        spec = RankSpec(source=str(source.root), backend=backend, tp_size=tp_size, dtype=dtype, device=device,
+                        threads=threads, torch_compile=torch_compile,
+                        config=config if isinstance(config, str) else None, timeout=collective_timeout)
+        cluster = Cluster(spec, on_failure, spawn=spawn)
+        executable = cluster.executable
+    else:
+        executable = backends.compile(backend, source, Mapping(), options)
     if isinstance(source, Package):
         tok, metadata = resolve_package_tokenizer(source, tokenizer, tokenizer_variant), source.manifest
     else:
@@ -220,7 +272,7 @@ def load(
     special = special_tokens or _special_from_metadata(metadata) or (tok.special if tok else None)
     if special is None and source.config.vocab_size > GLM130B_SPECIAL_TOKENS.dblock:
         special = GLM130B_SPECIAL_TOKENS
-    return GLM(executable, source.config, special, tok, device)
+    return GLM(executable, source.config, special, tok, device, cluster)
 
 
 DEFAULT_CACHE = Path("~/.cache/glmc").expanduser()
@@ -260,8 +312,11 @@ def export(
                          progress=progress)
 
 
-def exported_default(cache_dir: Path, dtype: str, target: str = "onnxruntime") -> Path:
-    """The embedded model's package for `target`, exported once into `cache_dir`."""
+def exported_default(cache_dir: Path, dtype: str, target: str = "onnxruntime", wait_seconds: float = 0) -> Path:
+    """The embedded model's package for `target`, exported once into `cache_dir`.
+
+    With `wait_seconds`, wait that long for another process (rank 0) to export it instead.
+    """
     from glmc import __version__
     from glmc.errors import GlmcError
     from glmc.fileio import sha256_of
@@ -271,11 +326,17 @@ def exported_default(cache_dir: Path, dtype: str, target: str = "onnxruntime") -
     for file in sorted(p for p in EMBEDDED_DEFAULT.rglob("*") if p.is_file()):
         digest.update(f"{file.relative_to(EMBEDDED_DEFAULT)} {sha256_of(file)}".encode())
     path = cache_dir / f"default-{target}-{dtype}-{digest.hexdigest()[:16]}"
-    try:
-        Package.open(path)
-        return path
-    except PackageError:
-        pass
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            Package.open(path)
+            return path
+        except PackageError:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+    if wait_seconds:
+        raise GlmcError(f"{path}: rank 0 did not export the embedded model within {wait_seconds:.0f} s")
     try:
         return export(None, path, dtype=dtype, target=target, overwrite=True)
     except OSError as error:

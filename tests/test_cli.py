@@ -141,7 +141,13 @@ def test_run_with_a_sat_checkpoint_and_token_ids(tiny_checkpoint):
     result = glmc("run", "--checkpoint", str(tiny_checkpoint), "--json", "--no-output-files", "--top-k", "1",
                   "--out-seq-length", "16", "1 2 3")
     # The test checkpoint has command ids but no tokenizer: text prompts cannot be tokenized.
-    assert_one_line_error(result, "has no tokenizer")
+    assert_one_line_error(result, "has no tokenizer", "--token-ids")
+    result = glmc("run", "--checkpoint", str(tiny_checkpoint), "--json", "--no-output-files", "--top-k", "1",
+                  "--out-seq-length", "16", "--token-ids", "1 2 [MASK] 3")
+    record = json.loads(result.stdout)
+    assert record["token_ids"][0][:2] == [1, 2] and record["token_ids"][0][-1] == 3
+    assert_one_line_error(glmc("run", "--checkpoint", str(tiny_checkpoint), "--token-ids", "1 two"),
+                          "--token-ids: 'two' is neither a token id nor a mask")
 
 
 def test_output_path_that_is_a_file(tmp_path):

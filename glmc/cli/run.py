@@ -12,6 +12,7 @@ import click
 
 from glmc.cli import cli
 from glmc.errors import GlmcError, PromptError
+from glmc.runtime.launch import torchrun_rank
 
 QUERY_PROMPT = "\nPlease Input Query (stop to exit) >>> "
 
@@ -33,6 +34,9 @@ QUERY_PROMPT = "\nPlease Input Query (stop to exit) >>> "
 @click.option("--tokenizer-variant", type=click.Choice(["icetk", "sat-0.3"]),
               help="icetk: what GLM-130B's pinned SAT 0.2.12 runs (whitespace folded). sat-0.3: later "
                    "SAT's tokenizer (tabs, blank runs, bytes kept; different ids).  [default: icetk]")
+@click.option("--token-ids", is_flag=True,
+              help="Prompts are token ids separated by spaces, masks written as [MASK], [sMASK], [gMASK] "
+                   "(for checkpoints without a tokenizer).")
 @click.option("--backend", default="torch", help="Backend that runs the model: torch or onnxruntime.")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads. Default: the backend's choice.",
               show_default=False)
@@ -69,6 +73,12 @@ QUERY_PROMPT = "\nPlease Input Query (stop to exit) >>> "
                    "deterministic top candidates, as its evaluation does.")
 @click.option("--print-all-beams", is_flag=True, help="Print every beam, not only the best.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, help="Prompts generated together.")
+@click.option("--tp", "tp_size", type=click.IntRange(min=1), default=1,
+              help="Tensor-parallel degree: this process runs rank 0 and starts the other ranks, each "
+                   "loading only its share (a package must have been exported for it; a checkpoint is "
+                   "resharded on the fly). Under torchrun the degree is torchrun's.")
+@click.option("--collective-timeout", type=click.FloatRange(min=1), default=20.0,
+              help="Seconds a rank waits for its peers before the run is stopped.")
 @click.option("--seed", type=int, default=1234, help="Seed of the sampling generator.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Compute dtype. Default: the checkpoint's own.", show_default=False)
@@ -76,12 +86,13 @@ QUERY_PROMPT = "\nPlease Input Query (stop to exit) >>> "
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object per prompt (input, answers, blanks, token ids, scores) "
                    "instead of text.")
-def run(prompts, checkpoint, package, config_name, tokenizer, tokenizer_variant, backend, threads, torch_compile,
+def run(prompts, checkpoint, package, config_name, tokenizer, tokenizer_variant, token_ids, backend, threads,
+        torch_compile,
         cache_dir,
         input_source, with_id,
         output_path, no_output_files, out_seq_length, min_gen_length, sampling_strategy, temperature,
         top_k, top_p, num_beams, length_penalty, no_repeat_ngram_size, beam_sampling, print_all_beams,
-        batch_size, seed, dtype, device, as_json):
+        batch_size, tp_size, collective_timeout, seed, dtype, device, as_json):
     """Fill the blanks of PROMPTS, GLM-130B style.
 
     A prompt may hold [MASK] (a short blank), [sMASK] (a sentence) or [gMASK] (a long
@@ -111,15 +122,44 @@ def run(prompts, checkpoint, package, config_name, tokenizer, tokenizer_variant,
     else:
         strategy = BaseStrategy(temperature, top_k, top_p, min_gen_length=min_gen_length, seed=seed)
 
-    model = glmc.load(checkpoint or package, backend=backend, dtype=dtype, device=device, config=config_name,
+    source = checkpoint or package
+    joined = torchrun_rank()
+    if joined is not None:
+        rank, tp_size = joined
+        if rank > 0:  # torchrun started this rank: serve rank 0 until it stops
+            _serve_torchrun_rank(rank, tp_size, source, backend, dtype, device, threads, torch_compile,
+                                 config_name, collective_timeout, cache_dir)
+            return
+    model = glmc.load(source, backend=backend, dtype=dtype, device=device, config=config_name,
                       tokenizer=tokenizer, tokenizer_variant=tokenizer_variant, threads=threads,
-                      torch_compile=torch_compile, cache_dir=cache_dir)
-    writer = _Writer(None if no_output_files else output_path, as_json, print_all_beams)
+                      torch_compile=torch_compile, cache_dir=cache_dir, tp_size=tp_size,
+                      collective_timeout=collective_timeout, on_failure=_abort, spawn=joined is None)
+    with model:
+        _run_prompts(model, strategy, prompts, input_source, with_id, batch_size, out_seq_length,
+                     as_json, print_all_beams, None if no_output_files else output_path, token_ids)
+
+
+def _ids(text: str, special) -> list[int]:
+    """ "17 345 [MASK] 66" -> [17, 345, <[MASK] id>, 66]."""
+    out = []
+    for word in text.split():
+        if word in ("[MASK]", "[sMASK]", "[gMASK]"):
+            out.append(special.command(word))
+        elif word.lstrip("-").isdigit():
+            out.append(int(word))
+        else:
+            raise GlmcError(f"--token-ids: {word!r} is neither a token id nor a mask")
+    return out
+
+
+def _run_prompts(model, strategy, prompts, input_source, with_id, batch_size, out_seq_length, as_json,
+                 print_all_beams, output_path, token_ids=False):
+    writer = _Writer(output_path, as_json, print_all_beams)
 
     def generate(items: list[tuple[str | None, str]], stream: bool = False) -> None:
         on_step = _Streamer(model) if stream and strategy.num_beams == 1 and not as_json else None
-        results = model.generate([text for _, text in items], strategy, out_seq_length=out_seq_length,
-                                 on_step=on_step)
+        inputs = [_ids(text, model.special_tokens()) if token_ids else text for _, text in items]
+        results = model.generate(inputs, strategy, out_seq_length=out_seq_length, on_step=on_step)
         for (query_id, text), result in zip(items, results):
             writer.emit(query_id, text, result, streamed=on_step is not None)
 
@@ -132,6 +172,27 @@ def run(prompts, checkpoint, package, config_name, tokenizer, tokenizer_variant,
             generate(items[start:start + batch_size])
     else:
         _interactive(lambda text: generate([(None, text)], stream=True))
+
+
+def _abort(message: str) -> None:
+    """Rank 0 is stuck in a collective with a dead peer: report it and end every rank now."""
+    click.echo(f"glmc: error: tensor-parallel run failed: {message}", err=True)
+    os._exit(1)
+
+
+def _serve_torchrun_rank(rank, tp_size, source, backend, dtype, device, threads, torch_compile, config_name,
+                         collective_timeout, cache_dir) -> None:
+    from glmc.api import EMBEDDED_DEFAULT, exported_default
+    from glmc.runtime.launch import RankSpec, run_worker
+
+    if source is None:  # the embedded model; rank 0 exports it for package backends, the others wait
+        source = EMBEDDED_DEFAULT if backend == "torch" else exported_default(cache_dir, dtype or "float32",
+                                                                                wait_seconds=600)
+    spec = RankSpec(source=str(source), backend=backend, tp_size=tp_size, dtype=dtype, device=device,
+                    threads=threads, torch_compile=torch_compile, config=config_name, timeout=collective_timeout)
+    code = run_worker(rank, spec, init_method="env://")
+    if code:
+        sys.exit(code)
 
 
 def _read_input_file(path: Path, with_id: bool) -> list[tuple[str | None, str]]:
@@ -214,9 +275,9 @@ class _Writer:
             return
         if streamed:
             click.echo()
-        click.echo(f"\nInput: {result.input_text}\n")
+        click.echo(f"\nInput: {result.input_text if result.input_text is not None else text}\n")
         if result.answers is None:
-            click.echo(f"Output: {result.token_ids[0]}")
+            click.echo(f"Output: {' '.join(map(str, result.token_ids[0]))}")
         elif self.print_all_beams and len(result.answers) > 1:
             for index in range(len(result.answers)):
                 click.echo(f"Output beam {index}: {result.styled(index, self.ansi)}")

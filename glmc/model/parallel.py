@@ -8,6 +8,7 @@ replicated bias once), and a contiguous block of vocabulary rows.
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import torch
@@ -37,21 +38,34 @@ class SingleRank:
 
 
 class TorchDistributed:
-    """Collectives over a torch.distributed process group (gloo on CPU, NCCL on GPU)."""
+    """Collectives over a torch.distributed process group (gloo on CPU, NCCL on GPU).
+
+    `seconds` and `calls` count the time spent in them, for the benchmarks.
+    """
 
     def __init__(self, mapping: Mapping, group=None):
         self.mapping = mapping
         self.group = group
+        self.seconds = 0.0
+        self.calls = 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
         x = x.contiguous()
         torch.distributed.all_reduce(x, group=self.group)
+        self._count(start)
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
         parts = [torch.empty_like(x) for _ in range(self.mapping.tp_size)]
         torch.distributed.all_gather(parts, x.contiguous(), group=self.group)
+        self._count(start)
         return torch.cat(parts, dim=-1)
+
+    def _count(self, start: float) -> None:
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
 
 
 class ParallelLinear(nn.Module):

@@ -1,0 +1,114 @@
+"""Tensor-parallel execution, FasterTransformer-style: rank 0 leads, every rank computes.
+
+Rank 0 runs generation (tokenizing, sampling, beams, I/O) on a `LeaderExecutable`:
+each `prefill`, `decode` and `reorder_cache` call is broadcast to the other ranks,
+which run the same call on their own executable (their heads, their vocabulary
+rows, their KV cache) inside `serve`. The backends' collectives (all-reduce after
+the row-parallel matmuls, all-gather of the logits) join the ranks during the call;
+every rank ends with the full logits, and rank 0 returns them.
+
+Commands travel on a group with a long timeout (an interactive user may think for
+minutes); the computation's collectives use a group with a short one, so that a
+rank that dies or hangs stops the others within it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+PREFILL, DECODE, REORDER, STOP = "prefill", "decode", "reorder", "stop"
+
+
+@dataclass
+class CacheHandle:
+    """Rank 0's view of a KV cache that every rank holds its share of."""
+
+    id: int
+    local: object  # rank 0's own share
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+class LeaderExecutable:
+    """Rank 0's executable: broadcasts each call, then runs its own share of it."""
+
+    def __init__(self, local, command_group):
+        self.local, self.group = local, command_group
+        self.config = local.config
+        self.mapping = local.mapping
+        self._ids = itertools.count()
+        self._released: list[int] = []  # caches rank 0 no longer holds; the others drop them on the next call
+        # When the current command broadcast began (None: not sending). The command group's
+        # timeout is long, so the watcher uses this to notice a rank that stopped listening.
+        self.sending_since: float | None = None
+
+    def _send(self, command: str, *args) -> None:
+        released, self._released = self._released, []
+        self.sending_since = time.monotonic()
+        try:
+            dist.broadcast_object_list([(command, args, released)], src=0, group=self.group)
+        finally:
+            self.sending_since = None
+
+    def _handle(self, handle_id: int, local_cache) -> CacheHandle:
+        handle = CacheHandle(handle_id, local_cache)
+        weakref.finalize(handle, self._released.append, handle_id)
+        return handle
+
+    def prefill(self, tokens, position_ids, attention_mask, *, last_only: bool = True):
+        handle_id = next(self._ids)
+        self._send(PREFILL, handle_id, _host(tokens), _host(position_ids), _host(attention_mask), last_only)
+        logits, cache = self.local.prefill(tokens, position_ids, attention_mask, last_only=last_only)
+        return logits, self._handle(handle_id, cache)
+
+    def decode(self, tokens, position_ids, attention_mask, cache: CacheHandle):
+        handle_id = next(self._ids)
+        self._send(DECODE, handle_id, cache.id, _host(tokens), _host(position_ids), _host(attention_mask))
+        logits, local = self.local.decode(tokens, position_ids, attention_mask, cache.local)
+        return logits, self._handle(handle_id, local)
+
+    def reorder_cache(self, cache: CacheHandle, index: torch.Tensor) -> CacheHandle:
+        handle_id = next(self._ids)
+        self._send(REORDER, handle_id, cache.id, _host(index))
+        return self._handle(handle_id, self.local.reorder_cache(cache.local, index))
+
+    def cache_length(self, cache: CacheHandle) -> int:
+        return self.local.cache_length(cache.local)
+
+    def stop(self) -> None:
+        self._send(STOP)
+
+
+def serve(executable, command_group) -> None:
+    """The loop of ranks > 0: run rank 0's calls on this rank's executable until it stops."""
+    caches: dict[int, object] = {}
+    while True:
+        message = [None]
+        dist.broadcast_object_list(message, src=0, group=command_group)
+        command, args, released = message[0]
+        for handle_id in released:
+            caches.pop(handle_id, None)
+        if command == STOP:
+            return
+        if command == PREFILL:
+            handle_id, tokens, positions, mask, last_only = args
+            _, caches[handle_id] = executable.prefill(torch.from_numpy(tokens), torch.from_numpy(positions),
+                                                      torch.from_numpy(mask), last_only=last_only)
+        elif command == DECODE:
+            handle_id, source, tokens, positions, mask = args
+            _, caches[handle_id] = executable.decode(torch.from_numpy(tokens), torch.from_numpy(positions),
+                                                     torch.from_numpy(mask), caches[source])
+        elif command == REORDER:
+            handle_id, source, index = args
+            caches[handle_id] = executable.reorder_cache(caches[source], torch.from_numpy(index))
+        else:
+            raise RuntimeError(f"unknown command {command!r} from rank 0")

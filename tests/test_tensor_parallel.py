@@ -1,0 +1,228 @@
+"""Tensor parallelism on CPU with gloo: ranks in real worker processes, against TP 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import glmc
+from conftest import TINY_SPECIAL as S
+from glmc.api import export
+from glmc.errors import GlmcError
+from glmc.generation.strategies import BaseStrategy, BeamSearchStrategy
+from tolerances import assert_close
+
+PROMPTS = [[11, 12, 13, 14, 15, 16, 17, 18], [21, 22, S.mask, 23, 24], [31, S.gmask], [41, 42, S.smask, 43, 44, 45]]
+
+
+@pytest.fixture(scope="module")
+def packages(tiny_checkpoint, tiny_package, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    out = {1: tiny_package}
+    for tp in (2, 4, 8):
+        out[tp] = export(tiny_checkpoint, root / f"tp{tp}", tp_size=tp)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_package):
+    """TP 1 on the torch backend: what every other run must reproduce."""
+    model = glmc.load(tiny_package)
+    tokens = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    positions = torch.arange(8)[None]
+    mask = ~torch.ones(8, 8, dtype=torch.bool).tril()
+    mask[:, :4] = False
+    logits, _ = model.logits(tokens, positions, mask[None, None])
+    return {
+        "logits": logits,
+        "greedy": [r.token_ids for r in model.generate(PROMPTS, BaseStrategy(top_k=1), out_seq_length=20)],
+        "beam": [(r.token_ids, r.scores) for r in model.generate(
+            PROMPTS[1:3], BeamSearchStrategy(3, 1.0, no_repeat_ngram_size=2), out_seq_length=18)],
+        "inputs": (tokens, positions, mask[None, None]),
+    }
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_tp_runs_equal_tp1(packages, reference, tp, backend):
+    with glmc.load(packages[tp], backend=backend, tp_size=tp) as model:
+        logits, _ = model.logits(*reference["inputs"])
+        assert_close(logits, reference["logits"], "float32", f"TP {tp} {backend} logits")
+        greedy = model.generate(PROMPTS, BaseStrategy(top_k=1), out_seq_length=20)  # a padded batch
+        assert [r.token_ids for r in greedy] == reference["greedy"]
+        beams = model.generate(PROMPTS[1:3], BeamSearchStrategy(3, 1.0, no_repeat_ngram_size=2), out_seq_length=18)
+        for result, (ids, scores) in zip(beams, reference["beam"]):
+            assert result.token_ids == ids and np.allclose(result.scores, scores, atol=1e-4)
+        assert model.cluster.workers and all(p.poll() is None for p in model.cluster.workers.values())
+        workers = list(model.cluster.workers.values())
+    assert all(p.poll() is not None for p in workers)  # closing stops every rank
+
+
+def test_checkpoint_is_resharded_on_the_fly(tiny_checkpoint, reference):
+    with glmc.load(tiny_checkpoint, backend="torch", tp_size=4) as model:
+        greedy = model.generate(PROMPTS, BaseStrategy(top_k=1), out_seq_length=20)
+    assert [r.token_ids for r in greedy] == reference["greedy"]
+
+
+def _cli_tokens(*args, launcher=()):
+    result = subprocess.run([*launcher, "-m", "glmc", "run", *args, "--json", "--no-output-files", "--top-k", "1",
+                             "--token-ids", "--out-seq-length", "20", "1 2 3 [MASK] 4", "5 6 7"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(line)["token_ids"] for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_torchrun_two_ranks(packages):
+    single = _cli_tokens("--package", str(packages[1]), "--backend", "onnxruntime", launcher=(sys.executable,))
+    assert len(single) == 2
+    for backend in ("onnxruntime", "torch"):
+        torchrun = _cli_tokens("--package", str(packages[2]), "--backend", backend,
+                               launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"))
+        assert torchrun == single, backend
+    spawned = _cli_tokens("--package", str(packages[2]), "--backend", "onnxruntime", "--tp", "2",
+                          launcher=(sys.executable,))
+    assert spawned == single
+
+
+# --- failures -------------------------------------------------------------------------------
+
+def _long_run(tmp_path, *extra):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {i} is about [MASK] things\n" for i in range(200)), encoding="utf-8")
+    return subprocess.Popen([sys.executable, "-m", "glmc", "run", "--tp", "2", "--input-source", str(prompts),
+                             "--no-output-files", "--json", "--top-k", "1", "--out-seq-length", "100", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    return state != "Z"
+
+
+def _wait_for_generation(leader: subprocess.Popen) -> list[int]:
+    """Block until rank 0 has printed one result (the ranks are generating); return the workers."""
+    line = leader.stdout.readline()
+    assert line.startswith("{"), leader.stderr.read()
+    workers = _children(leader.pid)
+    assert workers
+    return workers
+
+
+def _finish(leader: subprocess.Popen, started: float, workers: list[int], limit: float = 30.0) -> str:
+    try:
+        _, stderr = leader.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(leader.pid, signal.SIGKILL)
+        pytest.fail("the run did not end within the limit")
+    elapsed = time.monotonic() - started
+    assert elapsed < limit, elapsed
+    deadline = time.monotonic() + 5
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "a worker outlived the run"
+    return stderr
+
+
+def test_a_killed_worker_stops_the_run_and_is_named(tmp_path):
+    leader = _long_run(tmp_path)
+    workers = _wait_for_generation(leader)
+    os.kill(workers[0], signal.SIGKILL)
+    stderr = _finish(leader, time.monotonic(), workers)
+    assert leader.returncode == 1
+    assert "rank 1 was killed by SIGKILL" in stderr and "Traceback" not in stderr
+
+
+def test_a_hung_worker_times_out_and_is_named(tmp_path):
+    leader = _long_run(tmp_path, "--collective-timeout", "3")
+    workers = _wait_for_generation(leader)
+    os.kill(workers[0], signal.SIGSTOP)
+    stderr = _finish(leader, time.monotonic(), workers)
+    assert leader.returncode == 1 and "rank 1 is stopped and does not answer" in stderr
+
+
+def test_ctrl_c_ends_every_rank(tmp_path):
+    leader = _long_run(tmp_path)
+    workers = _wait_for_generation(leader)
+    os.killpg(leader.pid, signal.SIGINT)  # what a terminal sends to the foreground process group
+    _finish(leader, time.monotonic(), workers)
+    assert leader.returncode == 130
+
+
+def test_a_dead_rank_0_takes_its_workers_along(tmp_path):
+    leader = _long_run(tmp_path)
+    workers = _wait_for_generation(leader)
+    os.kill(leader.pid, signal.SIGKILL)
+    leader.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers)
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+def test_package_of_another_degree_is_refused(packages):
+    with pytest.raises(GlmcError, match=r"exported for TP 2, asked to run at TP 4"):
+        glmc.load(packages[2], backend="onnxruntime", tp_size=4)
+
+
+def test_more_ranks_than_gpus_is_refused(tiny_checkpoint):
+    with pytest.raises(GlmcError, match=r"--tp 2 needs 2 GPUs, this machine has 0"):
+        glmc.load(tiny_checkpoint, tp_size=2, device="cuda")
+
+
+RESHARD_EXPORT_PEAK = """
+import json, sys
+from glmc.api import export
+from glmc.checkpoint import SatCheckpoint
+from glmc.memory import peak_rss_bytes
+import glmc.graphs.trace, onnxscript  # the exporter's own footprint is not the weights'
+SatCheckpoint.open(sys.argv[1])
+before = peak_rss_bytes()
+export(sys.argv[1], sys.argv[2], tp_size=int(sys.argv[3]))
+print(json.dumps({"before": before, "peak": peak_rss_bytes()}))
+"""
+
+
+@pytest.mark.slow
+def test_exporting_tp2_from_a_tp8_checkpoint_streams(tmp_path):
+    from glmc.checkpoint import SatCheckpoint, convert_checkpoint, model_state, save_checkpoint
+    from glmc.config import PRESETS
+    from glmc.model import GLMModel
+
+    model = GLMModel(PRESETS["glm-bench"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    save_checkpoint(tmp_path / "tp1", model.config, [model_state(model)])
+    model_bytes = sum(p.numel() * 4 for p in model.parameters())
+    del model
+    convert_checkpoint(SatCheckpoint.open(tmp_path / "tp1"), tmp_path / "tp8", 8)
+    result = subprocess.run([sys.executable, "-c", RESHARD_EXPORT_PEAK, str(tmp_path / "tp8"), str(tmp_path / "pkg"),
+                             "2"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    usage = json.loads(result.stdout.strip().splitlines()[-1])
+    growth = usage["peak"] - usage["before"]
+    rank_bytes = model_bytes / 2
+    print(f"glm-bench TP 8 -> TP 2 package: target rank {rank_bytes / 2**20:.0f} MiB, "
+          f"peak growth {growth / 2**20:.0f} MiB (whole model {model_bytes / 2**20:.0f} MiB)")
+    # One target rank plus the tracer's and the writer's fixed working memory, well below the model.
+    assert growth < rank_bytes + 400 * 2**20
+    assert growth < 0.85 * model_bytes
