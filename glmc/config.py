@@ -77,6 +77,10 @@ PRESETS: dict[str, GLMConfig] = {
     # query-key layer scaling sees coefficients 1, 2 and 3.
     "glm-tiny": GLMConfig(num_layers=3, hidden_size=64, num_attention_heads=8,
                           inner_hidden_size=128, vocab_size=1024, max_sequence_length=128),
+    # The embedded default model, trained by `glmc train` on data/corpus (8,000 text
+    # pieces + the commands, padded): small enough to ship, large enough to read.
+    "glm-demo": GLMConfig(num_layers=6, hidden_size=256, num_attention_heads=8,
+                          inner_hidden_size=672, vocab_size=8192, max_sequence_length=512),
     # CPU benchmarks: ~1.2 GB of fp32 weights with the real vocabulary, so that
     # the output projection weighs what it does in GLM-130B.
     "glm-bench": GLMConfig(num_layers=12, hidden_size=1024, num_attention_heads=16,
