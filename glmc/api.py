@@ -98,7 +98,7 @@ class GLM:
         self.close()
 
     @contextmanager
-    def _reporting(self):
+    def reporting(self):
         """Failures of a multi-rank run become one GlmcError naming the rank."""
         try:
             yield
@@ -108,8 +108,12 @@ class GLM:
             raise self.cluster.error(error) from None
 
     # (a) logits ------------------------------------------------------------------------------
-    def logits(self, tokens, position_ids, attention_mask, cache=None) -> tuple[torch.Tensor, object]:
-        """Logits [batch, seq, vocab] for `tokens`, after `cache` if given; returns the extended cache."""
+    def logits(self, tokens, position_ids, attention_mask, cache=None, *,
+               float32: bool = True) -> tuple[torch.Tensor, object]:
+        """Logits [batch, seq, vocab] for `tokens`, after `cache` if given; returns the extended cache.
+
+        `float32=False` leaves the logits in the compute dtype.
+        """
         tokens = _as_batch(tokens, torch.long, "tokens")
         position_ids = _as_batch(position_ids, torch.long, "position_ids")
         mask = torch.as_tensor(attention_mask)
@@ -128,12 +132,12 @@ class GLM:
         if int(tokens.max()) >= self.config.vocab_size or int(tokens.min()) < 0:
             raise GlmcError(f"token ids must lie in [0, {self.config.vocab_size})")
         args = (tokens.to(self.device), position_ids.to(self.device), mask.to(self.device))
-        with self._reporting():
+        with self.reporting():
             if cache is None:
                 logits, cache = self.executable.prefill(*args, last_only=False)
             else:
                 logits, cache = self.executable.decode(*args, cache)
-        return logits.float(), cache
+        return (logits.float() if float32 else logits), cache
 
     # (b) generation --------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], strategy=None, *,
@@ -148,7 +152,7 @@ class GLM:
         items = [prompts] if single else list(prompts)
         strategy = strategy if strategy is not None else BaseStrategy()
         built = [self.prompt(p) for p in items]
-        with self._reporting():
+        with self.reporting():
             filled = fill_blanks(self.executable, built, strategy, self.special_tokens(),
                                  out_seq_length=out_seq_length, max_sequence_length=self.config.max_sequence_length,
                                  device=self.device, on_step=on_step)
@@ -234,6 +238,9 @@ def load(
     spawn: bool = True,
 ) -> GLM:
     """Open a SAT checkpoint or a compiled package on a backend.
+
+    `dtype` None computes in the model's own dtype, except that the torch backend on
+    CPU computes half-precision weights in float32.
 
     With no path the embedded default model runs; a backend that needs a package
     (onnxruntime) gets one exported on the fly into `cache_dir` (default

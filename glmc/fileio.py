@@ -38,6 +38,16 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+def read_text(path: Path, error: type[GlmcError] = GlmcError, label: str = "") -> str:
+    """A UTF-8 text file, or one `error` naming it (after `label`, e.g. "--data ")."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as problem:
+        raise error(f"{label}{path}: {problem.strerror or problem}") from None
+    except UnicodeDecodeError:
+        raise error(f"{label}{path}: not UTF-8 text") from None
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")

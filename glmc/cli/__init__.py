@@ -21,6 +21,7 @@ def cli() -> None:
       export    compile a SAT checkpoint into a package of optimised per-rank graphs
       convert   change the tensor-parallel degree of a SAT checkpoint, optionally quantize
       inspect   validate a checkpoint or a package and describe it
+      evaluate  score GLM-130B's YAML tasks (multiple choice, generation, language modelling)
       train     pre-train a GLM with GLM-130B's blank-infilling objective
 
     Run `glmc COMMAND --help` for each command's options.
@@ -29,7 +30,7 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every error is one line on stderr; exit 1 for bad input, 2 for bad usage."""
-    from glmc.cli import convert, export, inspect, run, train  # noqa: F401  (registers the commands)
+    from glmc.cli import convert, evaluate, export, inspect, run, train  # noqa: F401  (registers the commands)
 
     try:
         cli.main(args=argv, prog_name="glmc", standalone_mode=False)

@@ -11,40 +11,18 @@ from pathlib import Path
 import click
 
 from glmc.cli import cli
+from glmc.cli.model_options import model_options, open_model
 from glmc.errors import GlmcError, PromptError
-from glmc.runtime.launch import torchrun_rank
 
 QUERY_PROMPT = "\nPlease Input Query (stop to exit) >>> "
 
 
 @cli.command(context_settings={"show_default": True})
 @click.argument("prompts", nargs=-1)
-@click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path),
-              help="SAT checkpoint directory (DIR/latest, DIR/<iter>/mp_rank_XX_model_states.pt). "
-                   "Default: the embedded model shipped with glmc.", show_default=False)
-@click.option("--package", type=click.Path(file_okay=False, path_type=Path),
-              help="Package written by `glmc export`. With neither, the embedded model runs (exported on "
-                   "the fly into --cache-dir for backends that need a package).", show_default=False)
-@click.option("--config", "config_name", metavar="NAME",
-              help="Model preset (glm-130b, glm-tiny, glm-bench) for a checkpoint without "
-                   "model_config.json. Default: read it, or match the weights against the presets.")
-@click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=Path),
-              help="icetk's ice_text.model. Default: the one named in model_config.json, else "
-                   "~/.icetk_models/ice_text.model for GLM-130B. Never downloaded.")
-@click.option("--tokenizer-variant", type=click.Choice(["icetk", "sat-0.3"]),
-              help="icetk: what GLM-130B's pinned SAT 0.2.12 runs (whitespace folded). sat-0.3: later "
-                   "SAT's tokenizer (tabs, blank runs, bytes kept; different ids).  [default: icetk]")
+@model_options
 @click.option("--token-ids", is_flag=True,
               help="Prompts are token ids separated by spaces, masks written as [MASK], [sMASK], [gMASK] "
                    "(for checkpoints without a tokenizer).")
-@click.option("--backend", default="torch", help="Backend that runs the model: torch or onnxruntime.")
-@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads. Default: the backend's choice.",
-              show_default=False)
-@click.option("--torch-compile", is_flag=True,
-              help="torch backend: run the model through torch.compile (slow first steps, faster later).")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="GLMC_CACHE_DIR",
-              default=Path("~/.cache/glmc").expanduser(),
-              help="Where packages exported on the fly are kept (env GLMC_CACHE_DIR).")
 @click.option("--input-source", metavar="interactive|FILE",
               help="Read prompts from FILE (one per line) or interactively. Default: interactive when "
                    "no PROMPTS are given.", show_default=False)
@@ -73,26 +51,13 @@ QUERY_PROMPT = "\nPlease Input Query (stop to exit) >>> "
                    "deterministic top candidates, as its evaluation does.")
 @click.option("--print-all-beams", is_flag=True, help="Print every beam, not only the best.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, help="Prompts generated together.")
-@click.option("--tp", "tp_size", type=click.IntRange(min=1), default=1,
-              help="Tensor-parallel degree: this process runs rank 0 and starts the other ranks, each "
-                   "loading only its share (a package must have been exported for it; a checkpoint is "
-                   "resharded on the fly). Under torchrun the degree is torchrun's.")
-@click.option("--collective-timeout", type=click.FloatRange(min=1), default=20.0,
-              help="Seconds a rank waits for its peers before the run is stopped.")
 @click.option("--seed", type=int, default=1234, help="Seed of the sampling generator.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
-              help="Compute dtype. Default: the checkpoint's own.", show_default=False)
-@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object per prompt (input, answers, blanks, token ids, scores) "
                    "instead of text.")
-def run(prompts, checkpoint, package, config_name, tokenizer, tokenizer_variant, token_ids, backend, threads,
-        torch_compile,
-        cache_dir,
-        input_source, with_id,
-        output_path, no_output_files, out_seq_length, min_gen_length, sampling_strategy, temperature,
-        top_k, top_p, num_beams, length_penalty, no_repeat_ngram_size, beam_sampling, print_all_beams,
-        batch_size, tp_size, collective_timeout, seed, dtype, device, as_json):
+def run(prompts, model, token_ids, input_source, with_id, output_path, no_output_files, out_seq_length,
+        min_gen_length, sampling_strategy, temperature, top_k, top_p, num_beams, length_penalty,
+        no_repeat_ngram_size, beam_sampling, print_all_beams, batch_size, seed, as_json):
     """Fill the blanks of PROMPTS, GLM-130B style.
 
     A prompt may hold [MASK] (a short blank), [sMASK] (a sentence) or [gMASK] (a long
@@ -107,11 +72,8 @@ def run(prompts, checkpoint, package, config_name, tokenizer, tokenizer_variant,
       glmc run --checkpoint CKPT --input-source prompts.txt --with-id --output-path out/
       glmc run --package PKG --backend onnxruntime "GLM-130B is [MASK]."
     """
-    import glmc
     from glmc.generation.strategies import BaseStrategy, BeamSearchStrategy
 
-    if checkpoint and package:
-        raise click.UsageError("give --checkpoint or --package, not both")
     if prompts and input_source:
         raise click.UsageError("give PROMPTS or --input-source, not both")
     if with_id and not (input_source and input_source != "interactive"):
@@ -122,20 +84,11 @@ def run(prompts, checkpoint, package, config_name, tokenizer, tokenizer_variant,
     else:
         strategy = BaseStrategy(temperature, top_k, top_p, min_gen_length=min_gen_length, seed=seed)
 
-    source = checkpoint or package
-    joined = torchrun_rank()
-    if joined is not None:
-        rank, tp_size = joined
-        if rank > 0:  # torchrun started this rank: serve rank 0 until it stops
-            _serve_torchrun_rank(rank, tp_size, source, backend, dtype, device, threads, torch_compile,
-                                 config_name, collective_timeout, cache_dir)
-            return
-    model = glmc.load(source, backend=backend, dtype=dtype, device=device, config=config_name,
-                      tokenizer=tokenizer, tokenizer_variant=tokenizer_variant, threads=threads,
-                      torch_compile=torch_compile, cache_dir=cache_dir, tp_size=tp_size,
-                      collective_timeout=collective_timeout, on_failure=_abort, spawn=joined is None)
-    with model:
-        _run_prompts(model, strategy, prompts, input_source, with_id, batch_size, out_seq_length,
+    glm = open_model(model)
+    if glm is None:  # a torchrun rank other than 0: it served rank 0 until the end
+        return
+    with glm:
+        _run_prompts(glm, strategy, prompts, input_source, with_id, batch_size, out_seq_length,
                      as_json, print_all_beams, None if no_output_files else output_path, token_ids)
 
 
@@ -172,27 +125,6 @@ def _run_prompts(model, strategy, prompts, input_source, with_id, batch_size, ou
             generate(items[start:start + batch_size])
     else:
         _interactive(lambda text: generate([(None, text)], stream=True))
-
-
-def _abort(message: str) -> None:
-    """Rank 0 is stuck in a collective with a dead peer: report it and end every rank now."""
-    click.echo(f"glmc: error: tensor-parallel run failed: {message}", err=True)
-    os._exit(1)
-
-
-def _serve_torchrun_rank(rank, tp_size, source, backend, dtype, device, threads, torch_compile, config_name,
-                         collective_timeout, cache_dir) -> None:
-    from glmc.api import EMBEDDED_DEFAULT, exported_default
-    from glmc.runtime.launch import RankSpec, run_worker
-
-    if source is None:  # the embedded model; rank 0 exports it for package backends, the others wait
-        source = EMBEDDED_DEFAULT if backend == "torch" else exported_default(cache_dir, dtype or "float32",
-                                                                                wait_seconds=600)
-    spec = RankSpec(source=str(source), backend=backend, tp_size=tp_size, dtype=dtype, device=device,
-                    threads=threads, torch_compile=torch_compile, config=config_name, timeout=collective_timeout)
-    code = run_worker(rank, spec, init_method="env://")
-    if code:
-        sys.exit(code)
 
 
 def _read_input_file(path: Path, with_id: bool) -> list[tuple[str | None, str]]:

@@ -54,11 +54,30 @@ class Strategy(Protocol):
 
 
 @dataclass(frozen=True)
+class GenerationInput:
+    """One row to generate from: a context ending in `sop`, its positions and mask, target positions."""
+
+    tokens: list[int]
+    position_ids: list[int]  # of the context
+    attention_mask: torch.Tensor  # [context, context] bool, True = masked out
+    target_position_ids: list[int]  # of each generated token; their count is the length limit
+
+    @property
+    def max_new_tokens(self) -> int:
+        return len(self.target_position_ids)
+
+
+@dataclass(frozen=True)
 class BlankRequest:
     context: list[int]  # the sequence with its masks, then sop
     mask_position: int  # index of the mask being filled
     gmask: bool  # positions count on ([gMASK]) or stay at the mask ([MASK], [sMASK])
     max_new_tokens: int
+
+    def generation_input(self) -> GenerationInput:
+        n = len(self.context)
+        positions = blank_position_ids(self, self.max_new_tokens)
+        return GenerationInput(list(self.context), positions[:n], blank_attention_mask(n, n), positions[n:])
 
 
 def blank_position_ids(request: BlankRequest, steps: int) -> list[int]:
@@ -87,22 +106,42 @@ def generate_blanks(
     on_step: Callable[[Tokens], None] | None = None,
 ) -> list[list[Beam]]:
     """Generate one blank for each request, batched; per request the beams, best first."""
-    batch = len(requests)
-    width = max(len(r.context) for r in requests)
-    pads = [width - len(r.context) for r in requests]
+    return generate(executable, [r.generation_input() for r in requests], strategy, special, device=device,
+                    on_step=on_step)
+
+
+def generate(
+    executable: Executable,
+    inputs: list[GenerationInput],
+    strategy: Strategy,
+    special: SpecialTokens,
+    *,
+    device: torch.device | str = "cpu",
+    on_step: Callable[[Tokens], None] | None = None,
+) -> list[list[Beam]]:
+    """Generate after each input's context, batched; per input the beams, best first.
+
+    A generated token sees what the context's last token (`sop`) sees and the tokens
+    generated before it (GLM-130B's evaluation/model.py `generate_text`).
+    """
+    batch = len(inputs)
+    width = max(len(i.tokens) for i in inputs)
+    pads = [width - len(i.tokens) for i in inputs]
     pad_id = special.eos  # any valid id: padding is masked out
 
-    tokens = torch.tensor([[pad_id] * p + r.context for p, r in zip(pads, requests)])
-    positions = torch.tensor([[0] * p + blank_position_ids(r, 0) for p, r in zip(pads, requests)])
+    tokens = torch.tensor([[pad_id] * p + i.tokens for p, i in zip(pads, inputs)])
+    positions = torch.tensor([[0] * p + i.position_ids for p, i in zip(pads, inputs)])
     mask = torch.ones(batch, 1, width, width, dtype=torch.bool)
-    for row, (p, r) in enumerate(zip(pads, requests)):
-        mask[row, 0, p:, p:] = blank_attention_mask(len(r.context), len(r.context))
-        mask[row, 0, :p, p:p + len(r.context) - 1] = False  # padding rows see the context: no empty softmax
-    key_is_pad = torch.tensor([[True] * p + [False] * len(r.context) for p, r in zip(pads, requests)])
+    for row, (p, i) in enumerate(zip(pads, inputs)):
+        n = len(i.tokens)
+        mask[row, 0, p:, p:] = i.attention_mask
+        mask[row, 0, :p, p:p + max(n - 1, 1)] = False  # padding rows see the context: no empty softmax
+    key_masked = torch.stack([torch.cat((torch.ones(p, dtype=torch.bool), i.attention_mask[-1]))
+                              for p, i in zip(pads, inputs)])
 
     strategy.start(batch, special.end_tokens)
     logits, cache = executable.prefill(tokens.to(device), positions.to(device), mask.to(device), last_only=True)
-    beams: Tokens = [[list(r.context)] for r in requests]
+    beams: Tokens = [[list(i.tokens)] for i in inputs]
     steps = 0
     while True:
         num_beams = len(beams[0])
@@ -112,16 +151,17 @@ def generate_blanks(
             on_step(beams)
         if parents != list(range(len(parents))):
             cache = executable.reorder_cache(cache, torch.tensor(parents, device=device))
-        for row, request in enumerate(requests):
-            if steps >= request.max_new_tokens:
+        for row, item in enumerate(inputs):
+            if steps >= item.max_new_tokens:
                 strategy.stop_row(row, beams)
         if strategy.is_done:
             break
         num_beams = len(beams[0])
         last = torch.tensor([[seq[-1] if seq[-1] >= 0 else pad_id] for row in beams for seq in row])
-        step_positions = torch.tensor([[blank_position_ids(r, steps)[-1]] for r in requests])
-        key_is_pad = torch.cat((key_is_pad, torch.zeros(batch, 1, dtype=torch.bool)), dim=1)
-        step_mask = key_is_pad[:, None, None, :]  # [batch, 1, 1, keys]
+        # A row past its limit has stopped: its (ignored) token reuses its last position.
+        step_positions = torch.tensor([[i.target_position_ids[min(steps, i.max_new_tokens) - 1]] for i in inputs])
+        key_masked = torch.cat((key_masked, torch.zeros(batch, 1, dtype=torch.bool)), dim=1)
+        step_mask = key_masked[:, None, None, :]  # [batch, 1, 1, keys]
         logits, cache = executable.decode(
             last.to(device),
             step_positions.repeat_interleave(num_beams, dim=0).to(device),
@@ -129,6 +169,14 @@ def generate_blanks(
             cache,
         )
     return strategy.finalize(beams)
+
+
+def generated_tokens(tokens: list[int], context_length: int, end_tokens: tuple[int, ...]) -> list[int]:
+    """What a beam generated: after the context, up to its end (-1 padding) and without the end token."""
+    end = tokens.index(-1) if -1 in tokens else len(tokens)
+    if end > context_length and tokens[end - 1] in end_tokens:
+        end -= 1
+    return tokens[context_length:end]
 
 
 @dataclass
@@ -141,15 +189,20 @@ class Prompt:
     text: str | None = None  # the raw text as GLM-130B echoes it (with " [gMASK]" appended)
 
 
+def tokenize_with_masks(text: str, tokenize: Callable[[str], list[int]], special: SpecialTokens) -> list[int]:
+    """Text with [MASK], [sMASK], [gMASK] written in it: the text around them tokenized, each mask its id."""
+    pieces = MASK_PATTERN.split(text)
+    ids: list[int] = []
+    for piece, mask in zip(pieces, MASK_PATTERN.findall(text)):
+        ids += tokenize(piece) + [special.command(mask)]
+    return ids + tokenize(pieces[-1])
+
+
 def prompt_from_text(raw_text: str, tokenize: Callable[[str], list[int]], special: SpecialTokens) -> Prompt:
     """generate.py's fill_blanks preamble: tokenize around masks, append [gMASK] and eos as needed."""
     mask_name = "[MASK]" if "[MASK]" in raw_text else "[sMASK]" if "[sMASK]" in raw_text else "[gMASK]"
     gmask = "[MASK]" not in raw_text and "[sMASK]" not in raw_text
-    pieces = MASK_PATTERN.split(raw_text)
-    ids: list[int] = []
-    for text, mask in zip(pieces, MASK_PATTERN.findall(raw_text)):
-        ids += tokenize(text) + [special.command(mask)]
-    ids += tokenize(pieces[-1])
+    ids = tokenize_with_masks(raw_text, tokenize, special)
     if "MASK]" not in raw_text:
         ids.append(special.gmask)
         raw_text += " [gMASK]"
@@ -245,10 +298,7 @@ class _FillState:
         self.outputs, self.scores = [], []
         for i, beam in enumerate(beams):
             output = beam.tokens
-            end = output.index(-1) if -1 in output else len(output)
-            if output[end - 1] in special.end_tokens:
-                end -= 1
-            blank = output[sop_index + 1:end]
+            blank = generated_tokens(output, sop_index + 1, special.end_tokens)
             if i >= len(self.segments):  # more beams than the first round had
                 self.segments.append([])
                 self.blanks.append([])

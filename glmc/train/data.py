@@ -15,18 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from glmc.errors import GlmcError
+from glmc.fileio import read_text
 from glmc.tokenizer import IceTokenizer
 
 _FORTUNE_SEPARATOR = re.compile(r"^%\s*$", re.M)
+HELDOUT_EVERY = 20  # every 20th record is held out
 
 
 def read_records(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise GlmcError(f"--data {path}: {error.strerror or error}") from None
-    except UnicodeDecodeError:
-        raise GlmcError(f"--data {path}: not UTF-8 text") from None
+    text = read_text(path, label="--data ")
     parts = _FORTUNE_SEPARATOR.split(text) if _FORTUNE_SEPARATOR.search(text) else re.split(r"\n\s*\n", text)
     return [p.strip() for p in parts if p.strip()]
 
@@ -38,16 +35,25 @@ class Corpus:
     records: int
 
     @classmethod
-    def build(cls, files: list[Path], tokenizer: IceTokenizer, heldout_every: int = 20) -> "Corpus":
+    def build(cls, files: list[Path], tokenizer: IceTokenizer, heldout_every: int = HELDOUT_EVERY) -> "Corpus":
         train, heldout, count = [], [], 0
-        for path in files:
-            for record in read_records(Path(path)):
-                ids = tokenizer.tokenize(record) + [tokenizer.special.eos]
-                (heldout if count % heldout_every == 0 else train).extend(ids)
-                count += 1
+        for path, record, is_heldout in split_records(files, heldout_every):
+            ids = tokenizer.tokenize(record) + [tokenizer.special.eos]
+            (heldout if is_heldout else train).extend(ids)
+            count += 1
         if not train:
             raise GlmcError(f"--data: no text in {', '.join(map(str, files))}")
         return cls(np.asarray(train, dtype=np.int64), np.asarray(heldout, dtype=np.int64), count)
+
+
+def split_records(files: list[Path], heldout_every: int = HELDOUT_EVERY) -> list[tuple[Path, str, bool]]:
+    """(file, record, held out?) for every record of the files in order: every `heldout_every`-th
+    record, counting across the files, is held out."""
+    out = []
+    for path in map(Path, files):
+        for record in read_records(path):
+            out.append((path, record, len(out) % heldout_every == 0))
+    return out
 
 
 class WindowSampler:
