@@ -12,7 +12,8 @@ learnt, not what it memorised. Deterministic (seeded).
   Chinese: the last line of a poem, distractors of the same length).
 * fortune-fill (gen): a record with one frequent word (English) or character
   (Chinese) replaced by [MASK]; the answer is that word.
-* fortune-lm (lm): held-out English records as one text, scored in windows.
+* fortune-lm (lm): held-out English records as one text, scored in windows
+  (PPL per word, as GLM-130B computes it).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 SEED = 1234
 ITEMS = 40  # per language and task
 COMMON = 60  # the most frequent words / characters of the training records may be blanked
+ARTICLES = {"a", "an", "the"}  # F1 and EM drop them, so they make no answer
 
 
 def main() -> None:
@@ -54,7 +56,9 @@ def main() -> None:
     _write(args.out / "fortune-fill/zh/test.jsonl", _chinese_blanks(chinese, set(common_chars), rng))
     lm = args.out / "fortune-lm/en/test.txt"
     lm.parent.mkdir(parents=True, exist_ok=True)
-    lm.write_text("\n".join(english[:150]) + "\n", encoding="utf-8")
+    # One record a line, whitespace collapsed, each line ending " \n" as WikiText's do:
+    # GLM-130B counts the words for PPL with text.split(" ").
+    lm.write_text("".join(" ".join(r.split()) + " \n" for r in english[:150]), encoding="utf-8")
     print(f"wrote {args.out}")
 
 
@@ -110,7 +114,8 @@ def _english_blanks(records: list[str], common: set[str], rng: random.Random) ->
     items = []
     for record in rng.sample(records, len(records)):
         words = record.split()
-        spots = [i for i, w in enumerate(words) if 0 < i < len(words) - 1 and w.lower() in common]
+        spots = [i for i, w in enumerate(words)
+                 if 0 < i < len(words) - 1 and w.isalpha() and w.lower() in common - ARTICLES]
         if "\n" in record.strip() or not 6 <= len(words) <= 40 or not spots:
             continue
         i = rng.choice(spots)
