@@ -44,7 +44,7 @@ def compile(source, mapping: Mapping, options, comm=None) -> TorchExecutable:
         raise GlmcError("--device cuda: no CUDA device is available to PyTorch on this machine")
     if options.threads:
         torch.set_num_threads(options.threads)
-    dtype = DTYPES[options.dtype] if options.dtype else None
+    dtype = DTYPES[options.dtype] if options.dtype else _default_dtype(source, options.device)
     if isinstance(source, SatCheckpoint):
         model = load_model(source, mapping, dtype=dtype, device=options.device, comm=comm)
     elif isinstance(source, Package):
@@ -52,6 +52,15 @@ def compile(source, mapping: Mapping, options, comm=None) -> TorchExecutable:
     else:
         raise GlmcError(f"the torch backend cannot run {type(source).__name__}")
     return TorchExecutable(model, compiled=options.torch_compile)
+
+
+def _default_dtype(source, device: str) -> torch.dtype | None:
+    """The source's own dtype (None), except float32 for half-precision weights on CPU: CPUs have no
+    fast half matmuls, so the weights are upcast once at load. Every rank decides alike."""
+    from glmc.graphs import Package
+
+    own = DTYPES[source.dtype] if isinstance(source, Package) else source.info.float_dtype
+    return torch.float32 if device.split(":")[0] == "cpu" and own in (torch.float16, torch.bfloat16) else None
 
 
 def model_from_package(package, mapping: Mapping, dtype, device, comm=None) -> GLMModel:

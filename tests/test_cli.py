@@ -89,7 +89,7 @@ def test_interactive_reports_a_too_long_prompt_and_goes_on():
 @pytest.mark.parametrize("args,fragments", [
     (["run", "--backend", "tensorflow", "x"], ["unknown backend 'tensorflow'"]),
     (["run", "--checkpoint", "/no/such/dir", "x"], ["/no/such/dir: no such checkpoint directory"]),
-    (["run", "--no-output-files", "word " * 300], ["prompt 1 is", "at most 256"]),
+    (["run", "--no-output-files", "word " * 600], ["prompt 1 is", "at most 512"]),
     (["run", "--no-output-files", "--out-seq-length", "5000", "x"], ["exceeds the model's maximum"]),
     (["run", "--device", "cuda", "x"], ["no CUDA device"]),
     (["run", "--tokenizer", "/no/ice_text.model", "x"], ["never downloads"]),

@@ -98,7 +98,8 @@ def _long_run(tmp_path, *extra):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"prompt {i} is about [MASK] things\n" for i in range(200)), encoding="utf-8")
     return subprocess.Popen([sys.executable, "-m", "glmc", "run", "--tp", "2", "--input-source", str(prompts),
-                             "--no-output-files", "--json", "--top-k", "1", "--out-seq-length", "100", *extra],
+                             "--no-output-files", "--json", "--top-k", "1", "--out-seq-length", "100",
+                             "--min-gen-length", "80", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 

@@ -65,8 +65,8 @@ _OPTIONS = [
     click.option("--collective-timeout", type=click.FloatRange(min=1), default=20.0,
                  help="Seconds a rank waits for its peers before the run is stopped."),
     click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
-                 help="Compute dtype. Default: the model's own on GPUs; float32 on CPU for a half-precision "
-                      "model.", show_default=False),
+                 help="Compute dtype. Default: the model's own, except that the torch backend computes "
+                      "half-precision weights in float32 on CPU.", show_default=False),
     click.option("--device", default="cpu", help="cpu, cuda or cuda:N."),
 ]
 _NAMES = ("checkpoint", "package", "config_name", "tokenizer", "tokenizer_variant", "backend", "threads",

@@ -62,12 +62,12 @@ def run(prompts, model, token_ids, input_source, with_id, output_path, no_output
 
     A prompt may hold [MASK] (a short blank), [sMASK] (a sentence) or [gMASK] (a long
     continuation); without any, [gMASK] is appended. Masks are filled left to right.
-    With no checkpoint the small embedded model runs (random weights: its text is
-    noise, but every step is the real thing).
+    With no checkpoint the small embedded model runs (one layer trained by `glmc
+    train` on English quotations and Chinese poems: words of its corpus, not sense).
 
     \b
     Examples:
-      glmc run "Tsinghua University is located in [MASK], China."
+      glmc run "The best way to learn is [gMASK]" "春眠不觉晓，[gMASK]"
       glmc run --checkpoint CKPT --sampling-strategy BeamSearchStrategy "Who is Turing? [gMASK]"
       glmc run --checkpoint CKPT --input-source prompts.txt --with-id --output-path out/
       glmc run --package PKG --backend onnxruntime "GLM-130B is [MASK]."

@@ -48,7 +48,8 @@ def train(config_name, data, tokenizer, steps, batch_size, seq_len, lr, warmup_s
     \b
     Example (the embedded default model):
       glmc train --config glm-demo --data data/corpus/en.txt --data data/corpus/zh.txt \\
-          --steps 2000 --batch-size 16 --seq-len 256 --lr 2e-3 --out demo-ckpt
+          --steps 4500 --batch-size 16 --seq-len 256 --lr 1e-3 --warmup-steps 100 \\
+          --save-interval 250 --out demo-ckpt --json
     """
     import torch
     from tqdm import tqdm
