@@ -155,13 +155,25 @@ def test_a_hung_worker_times_out_and_is_named(tmp_path):
     workers = _wait_for_generation(leader)
     os.kill(workers[0], signal.SIGSTOP)
     stderr = _finish(leader, time.monotonic(), workers)
-    assert leader.returncode == 1 and "rank 1 is stopped and does not answer" in stderr
+    assert leader.returncode == 1 and "rank 1 is stopped and does not answer" in stderr, stderr
 
 
 def test_ctrl_c_ends_every_rank(tmp_path):
     leader = _long_run(tmp_path)
     workers = _wait_for_generation(leader)
     os.killpg(leader.pid, signal.SIGINT)  # what a terminal sends to the foreground process group
+    _finish(leader, time.monotonic(), workers)
+    assert leader.returncode == 130
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.6, 0.9, 1.2])  # where in a step the signal lands
+def test_ctrl_c_to_rank_0_alone_does_not_wait_for_the_collective_timeout(tmp_path, delay):
+    # Interrupted between two all-reduces of a step, rank 0 leaves rank 1 inside a collective
+    # that no stop command reaches: rank 1 must be terminated, not awaited for 60 s.
+    leader = _long_run(tmp_path, "--collective-timeout", "60")
+    workers = _wait_for_generation(leader)
+    time.sleep(delay)
+    os.kill(leader.pid, signal.SIGINT)
     _finish(leader, time.monotonic(), workers)
     assert leader.returncode == 130
 
