@@ -223,14 +223,11 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 process.kill()
 
-    def close(self, clean: bool = True) -> None:
-        """Stop every rank and leave no process behind: cleanly when the run is healthy and `clean`
-        (no exception is unwinding it). An interrupted step may leave the other ranks inside a
-        collective that rank 0 will never join, where no stop command reaches them: they are
-        terminated at once instead of after the collective timeout."""
+    def close(self) -> None:
+        """Stop every rank (cleanly when the run is healthy) and leave no process behind."""
         if self._closing:
             return
-        healthy = clean and self.failure is None and hasattr(self, "executable")  # `error()` records failures
+        healthy = self.failure is None and hasattr(self, "executable")  # `error()` records failures
         self._closing = True
         if healthy:
             try:
