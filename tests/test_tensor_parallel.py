@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -64,6 +65,24 @@ def test_tp_runs_equal_tp1(packages, reference, tp, backend):
         assert model.cluster.workers and all(p.poll() is None for p in model.cluster.workers.values())
         workers = list(model.cluster.workers.values())
     assert all(p.poll() is not None for p in workers)  # closing stops every rank
+    assert not _watchers()
+
+
+def _watchers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "glmc-rank-watcher"]
+
+
+def test_a_failed_run_leaves_no_thread_behind(packages):
+    # A thread still running at interpreter exit is ended inside its current C++ call, and a
+    # watcher freeing the last reference to a tensor there aborts rank 0 after a clean report.
+    model = glmc.load(packages[2], backend="torch", tp_size=2)
+    worker = model.cluster.workers[1]
+    worker.kill()
+    worker.wait()
+    with pytest.raises(GlmcError, match="rank 1 was killed by SIGKILL"):
+        model.generate(PROMPTS, BaseStrategy(top_k=1), out_seq_length=20)
+    model.close()
+    assert not _watchers()
 
 
 def test_checkpoint_is_resharded_on_the_fly(tiny_checkpoint, reference):

@@ -163,8 +163,7 @@ class Cluster:
     def _watch(self) -> None:
         while not self._closing:
             failure = self._diagnose(exited_only=True)
-            executable = getattr(self, "executable", None)
-            since = executable.sending_since if executable is not None else None
+            since = self._sending_since()
             if failure is None and since is not None and time.monotonic() - since > self.spec.timeout:
                 failure = self._diagnose() or f"the other ranks took no command for {self.spec.timeout:g} s"
             if failure is not None and not self._closing:
@@ -177,6 +176,11 @@ class Cluster:
                     self.on_failure(self.failure)  # rank 0 is still stuck: let the caller end it
                 return
             time.sleep(0.1)
+
+    def _sending_since(self) -> float | None:
+        # A method, so that the watcher's frame holds no reference to the executable's weights.
+        executable = getattr(self, "executable", None)
+        return executable.sending_since if executable is not None else None
 
     def error(self, error: BaseException) -> BaseException:
         """A user-facing error for a failure of the run (naming the rank when known)."""
@@ -237,6 +241,12 @@ class Cluster:
             except Exception:
                 pass
         self._stop_workers()
+        watcher = getattr(self, "_watcher", None)
+        if watcher is not None and watcher is not threading.current_thread():
+            # No thread of the run may outlive it: at interpreter exit Python ends a daemon
+            # thread inside whatever C++ call it is in (the watcher freeing the last reference
+            # to a tensor), and the C++ runtime aborts the whole process.
+            watcher.join()
         if dist.is_initialized():
             dist.destroy_process_group()
 
