@@ -86,16 +86,18 @@ class GLM:
         self.tokenizer, self.device = tokenizer, device
         self.cluster = cluster
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Stop the other ranks; `clean=False` (an error or Ctrl-C left a step unfinished)
+        terminates them without a stop command."""
         if self.cluster is not None:
-            self.cluster.close()
+            self.cluster.close(clean)
             self.cluster = None
 
     def __enter__(self) -> "GLM":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close(clean=exc_type is None)
 
     @contextmanager
     def reporting(self):

@@ -192,6 +192,18 @@ def test_ctrl_c_ends_every_rank(tmp_path):
     assert leader.returncode == 130
 
 
+@pytest.mark.parametrize("delay", [0.3, 0.6, 0.9, 1.2])  # where in a step the signal lands
+def test_ctrl_c_to_rank_0_alone_does_not_wait_for_the_collective_timeout(tmp_path, delay):
+    # Interrupted between two all-reduces of a step, rank 0 leaves rank 1 inside a collective
+    # that no stop command reaches: rank 1 must be terminated, not awaited for 60 s.
+    leader = _long_run(tmp_path, "--collective-timeout", "60")
+    workers = _wait_for_generation(leader)
+    time.sleep(delay)
+    os.kill(leader.pid, signal.SIGINT)
+    _finish(leader, time.monotonic(), workers)
+    assert leader.returncode == 130
+
+
 def test_a_dead_rank_0_takes_its_workers_along(tmp_path):
     leader = _long_run(tmp_path)
     workers = _wait_for_generation(leader)

@@ -7,8 +7,9 @@ which also watches them; `join` then only sets up the process groups.
 
 Failure handling: a watcher thread on rank 0 notices a worker that exits (crash,
 kill) and stops the others; the collectives time out (default 20 s) when a rank
-hangs; workers die with rank 0 (PR_SET_PDEATHSIG) and on Ctrl-C; every failure is
-reported as one line naming the rank and the cause.
+hangs; workers die with rank 0 (PR_SET_PDEATHSIG), and are terminated when an error
+or Ctrl-C interrupts rank 0 mid-step; every failure is reported as one line naming
+the rank and the cause.
 """
 
 from __future__ import annotations
@@ -227,11 +228,14 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 process.kill()
 
-    def close(self) -> None:
-        """Stop every rank (cleanly when the run is healthy) and leave no process behind."""
+    def close(self, clean: bool = True) -> None:
+        """Stop every rank and leave no process behind: cleanly when the run is healthy and `clean`
+        (no exception is unwinding it). An interrupted step may leave the other ranks inside a
+        collective that rank 0 will never join, where no stop command reaches them: they are
+        terminated at once instead of after the collective timeout."""
         if self._closing:
             return
-        healthy = self.failure is None and hasattr(self, "executable")  # `error()` records failures
+        healthy = clean and self.failure is None and hasattr(self, "executable")  # `error()` records failures
         self._closing = True
         if healthy:
             try:
