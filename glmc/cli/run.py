@@ -13,6 +13,7 @@ import click
 from glmc.cli import cli
 from glmc.cli.model_options import model_options, open_model
 from glmc.errors import GlmcError, PromptError
+from glmc.fileio import read_text
 
 QUERY_PROMPT = "\nPlease Input Query (stop to exit) >>> "
 
@@ -128,12 +129,7 @@ def _run_prompts(model, strategy, prompts, input_source, with_id, batch_size, ou
 
 
 def _read_input_file(path: Path, with_id: bool) -> list[tuple[str | None, str]]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise GlmcError(f"--input-source {path}: {error.strerror or error}") from None
-    except UnicodeDecodeError:
-        raise GlmcError(f"--input-source {path}: not UTF-8 text") from None
+    lines = read_text(path, label="--input-source ").splitlines()
     items = []
     for number, line in enumerate(lines, start=1):
         line = line.strip()

@@ -151,11 +151,16 @@ def task_type(raw: dict[str, Any], source: str) -> TaskType:
     return _convert("type", values["type"], source)
 
 
+def field_name(key: Any) -> str:
+    """The field a YAML key names: dashes and underscores alike."""
+    return str(key).replace("-", "_")
+
+
 def _normalized(raw: dict[str, Any], cls: type[TaskConfig], source: str) -> tuple[dict[str, Any], list[str]]:
     known = {f.name for f in dataclasses.fields(cls)}
     values, unknown = {}, []
     for key, value in raw.items():
-        name = str(key).replace("-", "_")
+        name = field_name(key)
         if name in values:
             raise TaskConfigError(f"{source}: the field '{name}' is given twice (dash and underscore spelling)")
         if name in known:

@@ -24,6 +24,7 @@ from typing import Any, Callable
 from glmc.errors import GlmcError
 
 Metric = Callable[[list, list[dict]], Any]
+_PUNCTUATION = frozenset(string.punctuation)
 
 METRICS: dict[str, Metric] = {}
 
@@ -85,7 +86,7 @@ def micro_f1(predictions: list, examples: list[dict]) -> float:
 def normalize_answer(text: str) -> str:
     """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
     text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from glmc.errors import GlmcError
-from glmc.evaluation.config import TaskConfigError, TaskType, read_yaml, task_type
+from glmc.evaluation.config import TaskConfigError, TaskType, field_name, read_yaml, task_type
 from glmc.evaluation.tasks import GenerationTask, LanguageModelTask, MultiChoiceTask, Task
 
 DEFAULT_CLASSES: dict[TaskType, type[Task]] = {
@@ -56,38 +58,41 @@ def read_task(path: Path) -> LoadedTask:
         raise TaskConfigError(f"{path}: type '{kind.value}' needs a 'module' naming its task class")
     config, unknown = task_class.config_class.from_dict(raw, source=str(path))
     notes = [f"{path}: unknown field '{name}' ignored" for name in unknown]
-    explicit = any(str(key).replace("-", "_") == "max_seq_length" for key in raw)
+    explicit = any(field_name(key) == "max_seq_length" for key in raw)
     return LoadedTask(path, task_class, config, notes, explicit)
+
+
+@contextmanager
+def searching(folders: list[Path]) -> Iterator[None]:
+    """Imports inside also search `folders` (put first unless already on sys.path); sys.path is restored."""
+    saved = list(sys.path)
+    sys.path[:0] = [str(f) for f in folders if str(f) not in sys.path]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
 
 
 def import_modules(names: list[str]) -> None:
     """Import user modules (from the current folder or sys.path) for what they register, e.g. metrics."""
-    saved = list(sys.path)
-    sys.path.insert(0, str(Path.cwd()))
-    try:
+    with searching([Path.cwd()]):
         for name in names:
             try:
                 importlib.import_module(name)
             except Exception as error:
                 raise GlmcError(f"--import {name}: cannot be imported: {type(error).__name__}: {error}") from None
-    finally:
-        sys.path[:] = saved
 
 
 def import_task_class(name: str, source: Path) -> type[Task]:
     """"package.module.ClassName", importable from the current folder (as GLM-130B's `tasks.*`) or
     from the task file's folder."""
     module_name, _, class_name = name.rpartition(".")
-    extra = [str(Path.cwd()), str(source.parent.resolve())]
-    saved = list(sys.path)
-    sys.path[:0] = [p for p in extra if p not in sys.path]
     try:
-        module = importlib.import_module(module_name)
+        with searching([Path.cwd(), source.parent.resolve()]):
+            module = importlib.import_module(module_name)
     except Exception as error:  # the module's own import errors included: report them in one line
         raise TaskConfigError(f"{source}: module '{module_name}' cannot be imported: "
                               f"{type(error).__name__}: {error}") from None
-    finally:
-        sys.path[:] = saved
     task_class = getattr(module, class_name, None)
     if not (isinstance(task_class, type) and issubclass(task_class, Task)):
         raise TaskConfigError(f"{source}: '{name}' is not a glmc.evaluation task class (subclass "
