@@ -3,7 +3,9 @@
 A backend turns a model source (a SAT checkpoint or a compiled package) into an
 `Executable` for one tensor-parallel rank: `compile(source, mapping, options) ->
 Executable`, whose `prefill`, `decode` and `reorder_cache` are all that generation
-needs.
+needs. An executable owns its device (`.device`, `.dtype`): it takes inputs on any
+device and moves them there, and every tensor it returns, logits and KV cache
+(`cache_tensors(cache)`), lies there.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ BACKENDS: dict[str, BackendInfo] = {
                          "the PyTorch reference model, eager; runs checkpoints and packages"),
     "onnxruntime": BackendInfo("onnxruntime", "glmc.backends.onnxruntime", ("cpu", "cuda"),
                                ("float32", "float16"),
-                               "ONNX Runtime on a package's fused graphs (CPU in fp32, CUDA)"),
+                               "ONNX Runtime on a package's graphs (CPU in fp32 and fp16, CUDA)"),
 }
 
 

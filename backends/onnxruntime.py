@@ -1,9 +1,11 @@
 """The ONNX Runtime backend: a package's prefill and decode graphs in two sessions.
 
 Both sessions read one rank's weights from one memory-mapped file (given to ONNX
-Runtime as external initializers), so the weights are in memory once. The KV
-cache stays in OrtValues bound through IO binding from one step to the next; beam
-search reorders it with a gather on the batch axis.
+Runtime as external initializers). Every tensor lives on the executable's device:
+the step's inputs are moved there, the KV cache stays in OrtValues there, bound
+through IO binding from one step to the next (beam search reorders it with a
+gather on the device), and torch sees ONNX Runtime's outputs through DLPack,
+without copies, for the all-reduces and the logits.
 """
 
 from __future__ import annotations
@@ -54,18 +56,32 @@ class OrtExecutable:
         kind = device.split(":")[0]
         provider = PROVIDERS.get(kind)
         if provider is None or provider not in ort.get_available_providers():
-            raise GlmcError(f"--device {device}: ONNX Runtime here offers {', '.join(ort.get_available_providers())}")
-        if kind == "cpu" and package.dtype != "float32":
-            raise GlmcError(f"{package.root}: a {package.dtype} package needs a GPU (ONNX Runtime has no fp16 "
-                            "CPU kernels for MatMul/Softmax); export with --dtype float32 to run on CPU")
+            hint = " (install glmc[gpu], i.e. onnxruntime-gpu, instead of onnxruntime)" if kind == "cuda" else ""
+            raise GlmcError(f"--device {device}: ONNX Runtime here offers only "
+                            f"{', '.join(ort.get_available_providers())}{hint}")
+        if kind == "cpu" and package.dtype == "bfloat16":
+            raise GlmcError(f"{package.root}: a bfloat16 package needs a GPU (ONNX Runtime has no bfloat16 CPU "
+                            "kernels for MatMul); export with --dtype float32 or float16 to run on CPU")
         self.device_kind = "cuda" if kind == "cuda" else "cpu"
         self.device_id = int(device.split(":")[1]) if ":" in device else 0
+        self.device = torch.device(self.device_kind, self.device_id) if kind == "cuda" else torch.device("cpu")
+        self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[package.dtype]
+        self._dlpack = hasattr(ort.OrtValue, "from_dlpack")
+        if kind == "cuda" and not self._dlpack:
+            raise GlmcError("--device cuda with ONNX Runtime needs an onnxruntime-gpu whose OrtValue has "
+                            "from_dlpack (to keep tensors on the GPU); upgrade onnxruntime-gpu")
         # One memory map of the rank's weights, shared by every session.
         self._weights = np.memmap(package.weights_path(mapping.rank), dtype=np.uint8, mode="r")
         self._initializers = {  # must outlive the sessions
             name: ort.OrtValue.ortvalue_from_numpy(package.tensor(mapping.rank, name, self._weights))
             for name in package.manifest["ranks"][mapping.rank]["tensors"]}
-        providers = [provider] if kind == "cpu" else [(provider, {"device_id": self.device_id})]
+        if kind == "cpu":
+            providers = [provider]
+        else:
+            # ONNX Runtime computes on torch's current stream of this GPU: the step's inputs that
+            # torch wrote, ONNX Runtime's outputs that torch all-reduces, ordered without syncs.
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            providers = [(provider, {"device_id": self.device_id, "user_compute_stream": str(stream)})]
         # Each graph runs as the segments between its AllReduce nodes (one segment at TP 1).
         self.graphs: dict[str, list[tuple[object, Segment]]] = {}
         for graph in ("prefill", "decode"):
@@ -85,25 +101,28 @@ class OrtExecutable:
         options.add_external_initializers(names, [self._initializers[n] for n in names])
         return self.ort.InferenceSession(segment.model.SerializeToString(), options, providers=providers)
 
-    def _ortvalue(self, array: np.ndarray):
-        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_kind, self.device_id)
+    # Tensors cross between torch and ONNX Runtime without copies, on either device: DLPack
+    # both ways. Inputs come in as torch tensors on this executable's device; outputs stay
+    # OrtValues on it (the KV cache is never copied to the host), viewed as torch tensors
+    # where torch needs them (all-reduce, logits).
+    def _to_ort(self, tensor: torch.Tensor):
+        tensor = tensor.contiguous()
+        if self._dlpack:
+            return self.ort.OrtValue.from_dlpack(tensor)
+        return self.ort.OrtValue.ortvalue_from_numpy(tensor.numpy())  # CPU only (checked at start)
 
-    def _run(self, graph: str, feeds: dict[str, np.ndarray], cache=None):
-        # Host arrays (the step's inputs, all-reduced sums) and OrtValues (the cache, segment
-        # outputs) side by side: binding a host array directly saves wrapping it first.
-        values: dict[str, object] = dict(feeds)
+    def _to_torch(self, value) -> torch.Tensor:
+        """A torch view of an OrtValue on this device (valid while `value` lives)."""
+        return torch.from_dlpack(value) if self._dlpack else torch.from_numpy(value.numpy())
+
+    def _run(self, graph: str, feeds: dict[str, torch.Tensor], cache=None):
+        values: dict[str, object] = {name: self._to_ort(tensor) for name, tensor in feeds.items()}
         if cache is not None:
             values.update(zip(self._cache_inputs, cache))
         for session, segment in self.graphs[graph]:
             binding = session.io_binding()
             for name in segment.inputs:
-                value = values[name]
-                if isinstance(value, np.ndarray):
-                    if self.device_kind == "cpu":
-                        binding.bind_cpu_input(name, value)
-                        continue
-                    value = values[name] = self._ortvalue(value)
-                binding.bind_ortvalue_input(name, value)
+                binding.bind_ortvalue_input(name, values[name])
             for name in segment.outputs:
                 binding.bind_output(name, self.device_kind, self.device_id)
             start = time.perf_counter()
@@ -111,23 +130,25 @@ class OrtExecutable:
             self.run_seconds += time.perf_counter() - start
             values.update(zip(segment.outputs, binding.get_outputs()))
             for source, target in segment.all_reduces:
-                values[target] = self.comm.all_reduce(torch.from_numpy(values[source].numpy())).numpy()
-        logits = self.comm.all_gather_last(torch.from_numpy(values["logits"].numpy()))
+                # A fresh tensor: the collective sums in place, the segment's output stays as it was.
+                values[target] = self._to_ort(self.comm.all_reduce(self._to_torch(values[source]).clone()))
+        # The logits leave as a tensor of their own (not a view of ONNX Runtime's buffer).
+        logits = self.comm.all_gather_last(self._to_torch(values["logits"]).clone())
         return logits, [values[name] for name in self._cache_outputs]
 
-    @staticmethod
-    def _inputs(tokens, position_ids, attention_mask) -> dict[str, np.ndarray]:
-        return {"tokens": np.ascontiguousarray(tokens.cpu().numpy(), dtype=np.int64),
-                "position_ids": np.ascontiguousarray(position_ids.cpu().numpy(), dtype=np.int64),
-                "attention_mask": np.ascontiguousarray(attention_mask.cpu().numpy(), dtype=bool)}
+    def _inputs(self, tokens, position_ids, attention_mask) -> dict[str, torch.Tensor]:
+        """The step's inputs on this device, whatever device and integer type they came in."""
+        return {"tokens": tokens.to(self.device, torch.int64),
+                "position_ids": position_ids.to(self.device, torch.int64),
+                "attention_mask": attention_mask.to(self.device, torch.bool)}
 
     def prefill(self, tokens, position_ids, attention_mask, *, last_only: bool = True):
         if last_only:
             return self._run("prefill", self._inputs(tokens, position_ids, attention_mask))
         # Every position's logits: the decode graph over an empty past.
         heads = self.config.num_attention_heads // self.mapping.tp_size
-        empty = np.zeros((tokens.shape[0], heads, 0, self.config.head_dim), dtype=np.dtype(self.package.dtype))
-        cache = [self._ortvalue(empty) for _ in self._cache_inputs]
+        empty = torch.zeros(tokens.shape[0], heads, 0, self.config.head_dim, dtype=self.dtype, device=self.device)
+        cache = [self._to_ort(empty) for _ in self._cache_inputs]
         return self._run("decode", self._inputs(tokens, position_ids, attention_mask), cache)
 
     def decode(self, tokens, position_ids, attention_mask, cache):
@@ -137,8 +158,12 @@ class OrtExecutable:
         return int(cache[0].shape()[2])
 
     def reorder_cache(self, cache, index: torch.Tensor):
-        rows = index.cpu().numpy()
-        return [self._ortvalue(value.numpy()[rows]) for value in cache]
+        rows = index.to(self.device, torch.int64)
+        return [self._to_ort(self._to_torch(value).index_select(0, rows)) for value in cache]
+
+    def cache_tensors(self, cache) -> list[torch.Tensor]:
+        """The cache as torch views (for tests and tools that check where it lives)."""
+        return [self._to_torch(value) for value in cache]
 
 
 def compile(source, mapping: Mapping, options, comm: Collectives | None = None) -> OrtExecutable:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from glmc.config import Mapping
+from glmc.devices import check_device
 from glmc.errors import GlmcError
 from glmc.model import GLMModel, KVCache
 
@@ -12,36 +13,48 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 class TorchExecutable:
+    """The reference model of one rank; every tensor it returns (logits, cache) is on its device,
+    and inputs on any device are moved there."""
+
     def __init__(self, model: GLMModel, *, compiled: bool = False):
         self.model = model
         self.config = model.config
         self.mapping = model.mapping
+        self.device = model.word_embeddings.weight.device
+        self.dtype = model.dtype
         # torch.compile with dynamic shapes: one graph serves every batch and length.
         self._forward = torch.compile(model, dynamic=True) if compiled else model
 
+    def _inputs(self, tokens, position_ids, attention_mask):
+        return (tokens.to(self.device, torch.int64), position_ids.to(self.device, torch.int64),
+                attention_mask.to(self.device, torch.bool))
+
     @torch.no_grad()
     def prefill(self, tokens, position_ids, attention_mask, *, last_only: bool = True):
-        out = self._forward(tokens, position_ids, attention_mask, last_logits_only=last_only)
+        out = self._forward(*self._inputs(tokens, position_ids, attention_mask), last_logits_only=last_only)
         return out.logits, out.kv_cache
 
     @torch.no_grad()
     def decode(self, tokens, position_ids, attention_mask, cache: KVCache):
-        out = self._forward(tokens, position_ids, attention_mask, cache)
+        out = self._forward(*self._inputs(tokens, position_ids, attention_mask), cache)
         return out.logits, out.kv_cache
 
     def cache_length(self, cache: KVCache) -> int:
         return int(cache[0][0].shape[2])
 
     def reorder_cache(self, cache: KVCache, index: torch.Tensor) -> KVCache:
+        index = index.to(self.device, torch.int64)
         return [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache]
+
+    def cache_tensors(self, cache: KVCache) -> list[torch.Tensor]:
+        return [t for kv in cache for t in kv]
 
 
 def compile(source, mapping: Mapping, options, comm=None) -> TorchExecutable:
     from glmc.checkpoint import SatCheckpoint, load_model
     from glmc.graphs import Package
 
-    if options.device.startswith("cuda") and not torch.cuda.is_available():
-        raise GlmcError("--device cuda: no CUDA device is available to PyTorch on this machine")
+    check_device(options.device)
     if options.threads:
         torch.set_num_threads(options.threads)
     dtype = DTYPES[options.dtype] if options.dtype else _default_dtype(source, options.device)

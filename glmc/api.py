@@ -25,6 +25,7 @@ import torch
 
 from glmc import backends
 from glmc.config import GLMConfig, Mapping, from_name
+from glmc.devices import check_device
 from glmc.errors import GlmcError
 from glmc.generation.filling import Filled, Prompt, fill_blanks, prompt_from_ids, prompt_from_text
 from glmc.generation.strategies import BaseStrategy
@@ -256,6 +257,7 @@ def load(
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
     backends.backend_info(backend)
+    check_device(device, tp_size if spawn else 1)  # before anything is exported or started
     if path is None and backend != "torch":
         path = exported_default(Path(cache_dir) if cache_dir else DEFAULT_CACHE, dtype or "float32")
     source = open_source(path, config)
@@ -281,7 +283,7 @@ def load(
     special = special_tokens or _special_from_metadata(metadata) or (tok.special if tok else None)
     if special is None and source.config.vocab_size > GLM130B_SPECIAL_TOKENS.dblock:
         special = GLM130B_SPECIAL_TOKENS
-    return GLM(executable, source.config, special, tok, device, cluster)
+    return GLM(executable, source.config, special, tok, str(executable.device), cluster)
 
 
 DEFAULT_CACHE = Path("~/.cache/glmc").expanduser()

@@ -50,11 +50,24 @@ def _rank_dir(rank: int) -> str:
     return f"rank{rank}"
 
 
-def write_weights(models: list[ir.Model], path: Path) -> dict[str, dict[str, Any]]:
-    """Write every floating-point initializer of `models` once into `path`; point the models at it.
+def is_rank_weight(name: str, model_tensors: set[str]) -> bool:
+    """Whether initializer `name` holds one of the rank's model tensors (a parameter or buffer of
+    the reference model, possibly in a pass's storage form, `W.T`, `W.qkv`, `table.half`...).
+
+    Only those are the same tensor under the same name in every graph of the rank, since
+    both graphs are traced from one model. Every other initializer is a constant of its
+    own graph (the exporter numbers them `val_N` per graph), so equal names in two graphs
+    mean nothing.
+    """
+    return name in model_tensors or any(name.startswith(t + ".") for t in model_tensors)
+
+
+def write_weights(models: list[ir.Model], path: Path, model_tensors: set[str]) -> dict[str, dict[str, Any]]:
+    """Write every floating-point rank weight of `models` once into `path`; point the models at it.
 
     Returns the tensor table: name -> offset, length, dtype, shape. Lazy tensors (the
-    pre-transposed weights) are computed here, one at a time.
+    pre-transposed weights) are computed here, one at a time. Graph constants stay
+    inside their graph (see `is_rank_weight`).
     """
     table: dict[str, dict[str, Any]] = {}
     external: dict[str, ir.ExternalTensor] = {}
@@ -62,12 +75,12 @@ def write_weights(models: list[ir.Model], path: Path) -> dict[str, dict[str, Any
         for model in models:
             for value in model.graph.initializers.values():
                 tensor = value.const_value
-                if not tensor.dtype.is_floating_point():
-                    continue  # index and shape constants stay in the graph, where shape inference reads them
+                if not tensor.dtype.is_floating_point() or not is_rank_weight(value.name, model_tensors):
+                    continue  # graph constants stay in the graph, where shape inference reads them
                 if value.name in external:
                     known = table[value.name]
                     if known["dtype"] != tensor.dtype.name or known["shape"] != list(tensor.shape):
-                        raise ExportError(f"graphs of one rank disagree on initializer {value.name}")
+                        raise ExportError(f"graphs of one rank disagree on weight {value.name}")
                     value.const_value = external[value.name]
                     continue
                 offset = -f.tell() % ALIGNMENT + f.tell()
@@ -184,7 +197,8 @@ def _write_rank(ckpt, mapping: Mapping, dtype: torch.dtype, target, tmp: Path, p
     rank_dir.mkdir()
     if progress:
         progress(f"rank {rank}: writing weights")
-    table = write_weights(list(graphs.values()), rank_dir / WEIGHTS)
+    model_tensors = set(model.state_dict()) | {name for name, _ in model.named_buffers()}
+    table = write_weights(list(graphs.values()), rank_dir / WEIGHTS, model_tensors)
     for kind, graph in graphs.items():
         ir.save(graph, rank_dir / f"{kind}.onnx")
     entry = {
@@ -281,5 +295,13 @@ class Package:
             array = self.tensor(rank, entry["initializer"], data)
             for transform in reversed(entry["transforms"]):
                 array = ungroup_columns(array, heads) if transform == "group_qkv" else array.T
-            state[name] = torch.from_numpy(np.array(array))
+            state[name] = _torch_tensor(np.array(array, order="C"))  # a copy, row-major like the model's own
         return state
+
+
+def _torch_tensor(array: np.ndarray) -> torch.Tensor:
+    # numpy has no bfloat16 of its own (onnx-ir reads it as ml_dtypes'), which torch does not take:
+    # go through its bits.
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)

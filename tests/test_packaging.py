@@ -22,6 +22,9 @@ def test_wheel_layout(tmp_path):
         assert f"glmc/{package}/__init__.py" in names
         assert not any(n.startswith(f"{package}/") for n in names), f"top-level {package}/ in the wheel"
     assert "glmc/backends/pytorch.py" in names
+    # Every package of the source tree is in the wheel (glmc.evaluation once was not).
+    for init in sorted((REPO / "glmc").glob("*/__init__.py")):
+        assert f"glmc/{init.parent.name}/__init__.py" in names, f"glmc.{init.parent.name} is not packaged"
     assert "glmc/embedded/default/ice_text.model" in names
     assert any(n.startswith("glmc/embedded/default/") and n.endswith("_model_states.pt") for n in names)
     top_level = next(n for n in names if n.endswith("top_level.txt"))

@@ -21,10 +21,11 @@ class Tolerance:
 
 TOLERANCES = {
     # fp32 against an exact (float64) computation, or two fp32 computations in
-    # another order (cache vs recomputation, padded vs not): rounding amplified by
-    # 2-3 layers of wide random weights measures 0.5e-5 to 1.3e-5 of the peak (SAT's
-    # own cache vs recomputation differ as much).
-    "float32": Tolerance(2e-5, "fp32 rounding"),
+    # another order (cache vs recomputation, padded vs not, ONNX Runtime's kernels vs
+    # torch's): rounding amplified by 2-3 layers of wide random weights measures 0.5e-5
+    # to 1.3e-5 of the peak (SAT's own cache vs recomputation differ as much), and up to
+    # 2.1e-5 for a left-padded batch through 3 fused layers, depending on thread counts.
+    "float32": Tolerance(3e-5, "fp32 rounding"),
     # One fp32 layer from the exact input of that layer: no amplification across
     # layers (measured <= 1.2e-6).
     "float32-layer": Tolerance(1e-5, "fp32 rounding within one layer"),
@@ -41,15 +42,33 @@ def _numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def assert_close(actual, expected, tolerance: str, what: str = "values") -> float:
-    """Assert agreement within TOLERANCES[tolerance]; return the relative error."""
+def relative_error(actual, expected) -> float:
+    """max |actual - expected| / max |expected|."""
+    a, e = _numpy(actual), _numpy(expected)
+    return float(np.abs(a - e).max()) / (float(np.abs(e).max()) or 1.0)
+
+
+def half_precision_limit(reference, exact, dtype: str) -> float:
+    """The limit for a half-precision computation against the reference model run in the same
+    dtype (`reference`) on the same inputs. Two half-precision roundings of one computation
+    (other kernels, other op order, ONNX Runtime's fp32 fallbacks) differ by about as much as
+    either differs from the fp32 result (`exact`), and with wide random weights that
+    distance grows layer by layer (measured on glm-tiny: fp16 3.7e-3, 1.4e-2 and 4e-2 of the
+    peak at 1, 2 and 3 layers). So the limit is twice the reference's own distance from fp32,
+    and never below the table's value for the dtype."""
+    return max(TOLERANCES[dtype].rel, 2.0 * relative_error(reference, exact))
+
+
+def assert_close(actual, expected, tolerance: str, what: str = "values", limit: float | None = None) -> float:
+    """Assert agreement within TOLERANCES[tolerance] (or within `limit` of the peak, which
+    replaces the table's value); return the relative error."""
     a, e = _numpy(actual), _numpy(expected)
     assert a.shape == e.shape, f"{what}: shape {a.shape} != expected {e.shape}"
     diff = np.abs(a - e)
     peak = float(np.abs(e).max()) or 1.0
     worst = np.unravel_index(int(diff.argmax()), diff.shape)
     rel = float(diff.max()) / peak
-    limit = TOLERANCES[tolerance].rel
+    limit = TOLERANCES[tolerance].rel if limit is None else limit
     assert rel <= limit, (
         f"{what}: max |diff| {diff.max():.3e} at index {tuple(int(i) for i in worst)} "
         f"(actual {a[worst]:.6g}, expected {e[worst]:.6g}) is {rel:.2e} of the peak {peak:.4g}; "

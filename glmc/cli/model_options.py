@@ -95,9 +95,9 @@ def open_model(options: ModelOptions):
     joined = torchrun_rank()
     tp_size = options.tp_size
     if joined is not None:
-        rank, tp_size = joined
+        rank, tp_size, local_rank = joined
         if rank > 0:
-            _serve_torchrun_rank(rank, tp_size, options)
+            _serve_torchrun_rank(rank, tp_size, local_rank, options)
             return None
     return glmc.load(options.source, backend=options.backend, dtype=options.dtype, device=options.device,
                      config=options.config_name, tokenizer=options.tokenizer,
@@ -112,9 +112,12 @@ def _abort(message: str) -> None:
     os._exit(1)
 
 
-def _serve_torchrun_rank(rank: int, tp_size: int, options: ModelOptions) -> None:
+def _serve_torchrun_rank(rank: int, tp_size: int, local_rank: int, options: ModelOptions) -> None:
     from glmc.api import EMBEDDED_DEFAULT, exported_default
+    from glmc.devices import parse_device
     from glmc.runtime.launch import RankSpec, run_worker
+
+    parse_device(options.device)  # each machine has its own GPUs: only the name is checked here
 
     source = options.source
     if source is None:  # the embedded model; rank 0 exports it for package backends, the others wait
@@ -123,7 +126,7 @@ def _serve_torchrun_rank(rank: int, tp_size: int, options: ModelOptions) -> None
     spec = RankSpec(source=str(source), backend=options.backend, tp_size=tp_size, dtype=options.dtype,
                     device=options.device, threads=options.threads, torch_compile=options.torch_compile,
                     config=options.config_name, timeout=options.collective_timeout)
-    code = run_worker(rank, spec, init_method="env://")
+    code = run_worker(rank, spec, init_method="env://", local_rank=local_rank)
     if code:
         sys.exit(code)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmc.config import Mapping
+from glmc.errors import GlmcError
 from glmc.quantization import dequantize
 
 
@@ -40,16 +41,27 @@ class SingleRank:
 class TorchDistributed:
     """Collectives over a torch.distributed process group (gloo on CPU, NCCL on GPU).
 
+    Every tensor handed to a collective must be on the rank's `device`: NCCL takes only
+    tensors of its GPU and gloo only host tensors, and a tensor on the wrong device means
+    a host round trip (or a crash) that a CPU run would never show. The check makes a
+    CPU run catch what would break on GPUs.
     `seconds` and `calls` count the time spent in them, for the benchmarks.
     """
 
-    def __init__(self, mapping: Mapping, group=None):
+    def __init__(self, mapping: Mapping, group=None, device: str | torch.device = "cpu"):
         self.mapping = mapping
         self.group = group
+        self.device = torch.device(device)
         self.seconds = 0.0
         self.calls = 0
 
+    def check(self, x: torch.Tensor, collective: str) -> None:
+        if x.device != self.device:
+            raise GlmcError(f"rank {self.mapping.rank}: a tensor on {x.device} reached the {collective} of "
+                            f"a group on {self.device}")
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x, "all-reduce")
         start = time.perf_counter()
         x = x.contiguous()
         torch.distributed.all_reduce(x, group=self.group)
@@ -57,6 +69,7 @@ class TorchDistributed:
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x, "all-gather")
         start = time.perf_counter()
         parts = [torch.empty_like(x) for _ in range(self.mapping.tp_size)]
         torch.distributed.all_gather(parts, x.contiguous(), group=self.group)

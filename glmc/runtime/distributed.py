@@ -35,6 +35,8 @@ class CacheHandle:
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
+    # Commands travel as pickles on the (gloo) command group, never through NCCL: the
+    # other ranks move the arrays to their own device.
     return t.detach().cpu().numpy()
 
 
@@ -45,6 +47,7 @@ class LeaderExecutable:
         self.local, self.group = local, command_group
         self.config = local.config
         self.mapping = local.mapping
+        self.device, self.dtype = local.device, local.dtype
         self._ids = itertools.count()
         self._released: list[int] = []  # caches rank 0 no longer holds; the others drop them on the next call
         # When the current command broadcast began (None: not sending). The command group's
@@ -83,6 +86,9 @@ class LeaderExecutable:
 
     def cache_length(self, cache: CacheHandle) -> int:
         return self.local.cache_length(cache.local)
+
+    def cache_tensors(self, cache: CacheHandle) -> list[torch.Tensor]:
+        return self.local.cache_tensors(cache.local)
 
     def stop(self) -> None:
         self._send(STOP)

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from glmc.devices import check_device, rank_device
 from glmc.errors import GlmcError
 
 COMMAND_TIMEOUT = timedelta(days=7)  # rank 0 may wait on an interactive user for a long time
@@ -64,38 +65,35 @@ def collective_backend(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
-def device_of(spec: RankSpec, rank: int) -> str:
-    """Rank r of a CUDA run uses GPU r (or the one named)."""
-    if spec.device == "cuda":
-        return f"cuda:{rank}"
-    return spec.device
+def init_groups(rank: int, world: int, spec: RankSpec, init_method: str, local_rank: int):
+    """The default group (the computation, short timeout) and a command group (long timeout).
 
-
-def check_devices(spec: RankSpec) -> None:
-    if spec.device.startswith("cuda"):
-        count = torch.cuda.device_count()
-        if spec.tp_size > count:
-            raise GlmcError(f"--tp {spec.tp_size} needs {spec.tp_size} GPUs, this machine has {count}")
-
-
-def init_groups(rank: int, world: int, spec: RankSpec, init_method: str):
-    """The default group (the computation, short timeout) and a command group (long timeout)."""
+    On GPUs the default group is NCCL, bound to this rank's GPU; commands always travel on
+    gloo (pickled host arrays), so no host tensor ever reaches NCCL.
+    """
+    device = rank_device(spec.device, local_rank)
+    extra = {}
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        extra["device_id"] = torch.device(device)
     dist.init_process_group(collective_backend(spec.device), init_method=init_method, rank=rank,
-                            world_size=world, timeout=timedelta(seconds=spec.timeout))
+                            world_size=world, timeout=timedelta(seconds=spec.timeout), **extra)
     command_group = dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
     return dist.group.WORLD, command_group
 
 
-def build_executable(spec: RankSpec, rank: int, compute_group):
-    """This rank's executable, its collectives on `compute_group`."""
+def build_executable(spec: RankSpec, rank: int, compute_group, local_rank: int):
+    """This rank's executable, its collectives on `compute_group` (checking that every tensor
+    handed to them is on the rank's device)."""
     from glmc import backends
     from glmc.api import open_source
     from glmc.config import Mapping
     from glmc.model.parallel import TorchDistributed
 
     mapping = Mapping(spec.tp_size, rank)
-    comm = TorchDistributed(mapping, compute_group)
-    options = backends.CompileOptions(dtype=spec.dtype, device=device_of(spec, rank),
+    device = rank_device(spec.device, local_rank)
+    comm = TorchDistributed(mapping, compute_group, device=device)
+    options = backends.CompileOptions(dtype=spec.dtype, device=device,
                                       threads=spec.threads or threads_per_rank(spec),
                                       torch_compile=spec.torch_compile)
     executable = backends.compile(spec.backend, open_source(spec.source, spec.config), mapping, options, comm)
@@ -134,7 +132,8 @@ class Cluster:
     """
 
     def __init__(self, spec: RankSpec, on_failure: Callable[[str], None] | None = None, spawn: bool = True):
-        check_devices(spec)
+        # Spawned ranks share this machine's GPUs; torchrun's may span machines (each checks its own).
+        check_device(spec.device, spec.tp_size if spawn else 1)
         self.on_failure = on_failure
         self.failure: str | None = None
         self._closing = False
@@ -150,8 +149,8 @@ class Cluster:
         self.spec = spec
         try:
             init_method = f"tcp://{spec.address}:{spec.port}" if spawn else "env://"
-            self.compute_group, self.command_group = init_groups(0, spec.tp_size, spec, init_method)
-            local, self.comm = build_executable(spec, 0, self.compute_group)
+            self.compute_group, self.command_group = init_groups(0, spec.tp_size, spec, init_method, 0)
+            local, self.comm = build_executable(spec, 0, self.compute_group, 0)
             # Every rank has loaded its weights before any computation's short timeout applies.
             dist.barrier(group=self.command_group)
         except BaseException as error:
@@ -264,11 +263,13 @@ def set_parent_death_signal() -> None:
         pass
 
 
-def run_worker(rank: int, spec: RankSpec, init_method: str | None = None) -> int:
+def run_worker(rank: int, spec: RankSpec, init_method: str | None = None, local_rank: int | None = None) -> int:
     """The body of a rank > 0: join the groups, build the rank, serve rank 0's calls.
 
-    Started by rank 0 (`init_method` None: rank 0's address), or by torchrun ("env://").
+    Started by rank 0 (`init_method` None: rank 0's address; every rank on this machine, so
+    the local rank is the rank), or by torchrun ("env://", with torchrun's local rank).
     """
+    local_rank = rank if local_rank is None else local_rank
     from glmc.runtime.distributed import serve
 
     if init_method is None:
@@ -278,8 +279,8 @@ def run_worker(rank: int, spec: RankSpec, init_method: str | None = None) -> int
             return 1
     try:
         compute_group, command_group = init_groups(rank, spec.tp_size, spec,
-                                                   init_method or f"tcp://{spec.address}:{spec.port}")
-        executable, _ = build_executable(spec, rank, compute_group)
+                                                   init_method or f"tcp://{spec.address}:{spec.port}", local_rank)
+        executable, _ = build_executable(spec, rank, compute_group, local_rank)
         dist.barrier(group=command_group)
         serve(executable, command_group)
         dist.destroy_process_group()
@@ -295,8 +296,9 @@ def run_worker(rank: int, spec: RankSpec, init_method: str | None = None) -> int
         return 1
 
 
-def torchrun_rank() -> tuple[int, int] | None:
-    """(rank, world size) when started by torchrun, else None. Only the CLI calls this."""
+def torchrun_rank() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when started by torchrun, else None. Only the CLI calls this."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        rank = int(os.environ["RANK"])
+        return rank, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", rank))
     return None
