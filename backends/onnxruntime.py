@@ -115,14 +115,24 @@ class OrtExecutable:
         """A torch view of an OrtValue on this device (valid while `value` lives)."""
         return torch.from_dlpack(value) if self._dlpack else torch.from_numpy(value.numpy())
 
+    def _bind_input(self, binding, name: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            if self.device_kind == "cpu":  # a host array binds as it is: cheaper than wrapping it first
+                binding.bind_cpu_input(name, value.contiguous().numpy())
+                return
+            value = self._to_ort(value)
+        binding.bind_ortvalue_input(name, value)
+
     def _run(self, graph: str, feeds: dict[str, torch.Tensor], cache=None):
-        values: dict[str, object] = {name: self._to_ort(tensor) for name, tensor in feeds.items()}
+        # torch tensors (the step's inputs, all-reduced sums) and OrtValues (the cache, segment
+        # outputs) side by side, all on this device.
+        values: dict[str, object] = dict(feeds)
         if cache is not None:
             values.update(zip(self._cache_inputs, cache))
         for session, segment in self.graphs[graph]:
             binding = session.io_binding()
             for name in segment.inputs:
-                binding.bind_ortvalue_input(name, values[name])
+                self._bind_input(binding, name, values[name])
             for name in segment.outputs:
                 binding.bind_output(name, self.device_kind, self.device_id)
             start = time.perf_counter()
@@ -131,7 +141,7 @@ class OrtExecutable:
             values.update(zip(segment.outputs, binding.get_outputs()))
             for source, target in segment.all_reduces:
                 # A fresh tensor: the collective sums in place, the segment's output stays as it was.
-                values[target] = self._to_ort(self.comm.all_reduce(self._to_torch(values[source]).clone()))
+                values[target] = self.comm.all_reduce(self._to_torch(values[source]).clone())
         # The logits leave as a tensor of their own (not a view of ONNX Runtime's buffer).
         logits = self.comm.all_gather_last(self._to_torch(values["logits"]).clone())
         return logits, [values[name] for name in self._cache_outputs]

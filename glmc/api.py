@@ -154,6 +154,10 @@ class GLM:
         single = isinstance(prompts, str) or (len(prompts) > 0 and hasattr(prompts[0], "__index__"))
         items = [prompts] if single else list(prompts)
         strategy = strategy if strategy is not None else BaseStrategy()
+        beams = getattr(strategy, "num_beams", 1)
+        if 2 * beams > self.config.vocab_size:  # each step ranks 2 x beams candidates of the vocabulary
+            raise GlmcError(f"--num-beams {beams}: beam search ranks 2 x beams candidates among the model's "
+                            f"{self.config.vocab_size} tokens; at most {self.config.vocab_size // 2} beams")
         built = [self.prompt(p) for p in items]
         with self.reporting():
             filled = fill_blanks(self.executable, built, strategy, self.special_tokens(),
@@ -259,7 +263,7 @@ def load(
     backends.backend_info(backend)
     check_device(device, tp_size if spawn else 1)  # before anything is exported or started
     if path is None and backend != "torch":
-        path = exported_default(Path(cache_dir) if cache_dir else DEFAULT_CACHE, dtype or "float32")
+        path = exported_default(Path(cache_dir) if cache_dir else DEFAULT_CACHE, dtype or "float32", tp_size=tp_size)
     source = open_source(path, config)
     options = backends.CompileOptions(dtype=dtype, device=device, threads=threads, torch_compile=torch_compile)
     cluster = None
@@ -323,8 +327,9 @@ def export(
                          progress=progress)
 
 
-def exported_default(cache_dir: Path, dtype: str, target: str = "onnxruntime", wait_seconds: float = 0) -> Path:
-    """The embedded model's package for `target`, exported once into `cache_dir`.
+def exported_default(cache_dir: Path, dtype: str, target: str = "onnxruntime", wait_seconds: float = 0,
+                     tp_size: int = 1) -> Path:
+    """The embedded model's package for `target` at TP `tp_size`, exported once into `cache_dir`.
 
     With `wait_seconds`, wait that long for another process (rank 0) to export it instead.
     """
@@ -333,10 +338,10 @@ def exported_default(cache_dir: Path, dtype: str, target: str = "onnxruntime", w
     from glmc.fileio import sha256_of
     from glmc.graphs import Package, PackageError
 
-    digest = hashlib.sha256(f"{__version__} {target} {dtype}".encode())
+    digest = hashlib.sha256(f"{__version__} {target} {dtype} tp{tp_size}".encode())
     for file in sorted(p for p in EMBEDDED_DEFAULT.rglob("*") if p.is_file()):
         digest.update(f"{file.relative_to(EMBEDDED_DEFAULT)} {sha256_of(file)}".encode())
-    path = cache_dir / f"default-{target}-{dtype}-{digest.hexdigest()[:16]}"
+    path = cache_dir / f"default-{target}-{dtype}-tp{tp_size}-{digest.hexdigest()[:16]}"
     deadline = time.monotonic() + wait_seconds
     while True:
         try:
@@ -349,7 +354,7 @@ def exported_default(cache_dir: Path, dtype: str, target: str = "onnxruntime", w
     if wait_seconds:
         raise GlmcError(f"{path}: rank 0 did not export the embedded model within {wait_seconds:.0f} s")
     try:
-        return export(None, path, dtype=dtype, target=target, overwrite=True)
+        return export(None, path, dtype=dtype, target=target, tp_size=tp_size, overwrite=True)
     except OSError as error:
         raise GlmcError(f"cannot write the exported default model to {cache_dir}: {error.strerror or error}") from None
 

@@ -178,3 +178,27 @@ def test_run_onnxruntime_exports_the_default_model_once(tmp_path):
     assert list((tmp_path / "cache").iterdir()) == [package]  # reused, not exported again
     torch_run = glmc(*[a for a in args if a not in ("--backend", "onnxruntime")])
     assert json.loads(torch_run.stdout)["token_ids"] == json.loads(first.stdout)["token_ids"]
+
+
+def test_run_onnxruntime_at_tp2_on_the_default_model(tmp_path):
+    """The embedded model's package is exported for the TP degree that runs it (a TP-1
+    export in the cache once made `--tp 2` fail)."""
+    args = ["run", "--backend", "onnxruntime", "--cache-dir", str(tmp_path / "cache"), "--no-output-files",
+            "--top-k", "1", "--out-seq-length", "20", "--json", "The sea is [MASK]."]
+    single = glmc(*args)
+    assert single.returncode == 0, single.stderr
+    double = glmc(*args, "--tp", "2")
+    assert double.returncode == 0, double.stderr
+    assert json.loads(double.stdout)["token_ids"] == json.loads(single.stdout)["token_ids"]
+    assert sorted(p.name.split("-")[3] for p in (tmp_path / "cache").iterdir()) == ["tp1", "tp2"]
+
+
+def test_an_exported_half_precision_package_runs_on_onnxruntime_on_cpu(tmp_path):
+    """`glmc export -o pkg` keeps the embedded model's fp16, which ONNX Runtime runs on CPU."""
+    exported = glmc("export", "-o", str(tmp_path / "pkg"))
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads((tmp_path / "pkg" / "manifest.json").read_text())["dtype"] == "float16"
+    ran = glmc("run", "--package", str(tmp_path / "pkg"), "--backend", "onnxruntime", "--no-output-files",
+               "--top-k", "1", "--out-seq-length", "16", "--json", "The sea is [MASK].")
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout)["answers"]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -26,11 +28,11 @@ PROMPTS = [[11, 12, 13, 14, 15, 16, 17, 18], [21, 22, S.mask, 23, 24], [31, S.gm
 
 @pytest.fixture(scope="module")
 def packages(tiny_checkpoint, tiny_package, tmp_path_factory):
+    # Exported in two processes: tracing runs on one core, and 14 ranks are traced here.
     root = tmp_path_factory.mktemp("tp")
-    out = {1: tiny_package}
-    for tp in (2, 4, 8):
-        out[tp] = export(tiny_checkpoint, root / f"tp{tp}", tp_size=tp)
-    return out
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {tp: pool.submit(export, tiny_checkpoint, root / f"tp{tp}", tp_size=tp) for tp in (8, 4, 2)}
+        return {1: tiny_package, **{tp: future.result() for tp, future in futures.items()}}
 
 
 @pytest.fixture(scope="module")

@@ -444,7 +444,7 @@ class BeamRecord:
 
 
 def recording_beam_search(record: BeamRecord):
-    from glmc.generation.strategies import FILTERED, BeamSearchStrategy
+    from glmc.generation.strategies import BeamSearchStrategy
 
     class RecordingBeamSearch(BeamSearchStrategy):
         """BeamSearchStrategy(3, 1.0, no_repeat_ngram_size=3, min_gen_length=2), also recording how
@@ -464,25 +464,8 @@ def recording_beam_search(record: BeamRecord):
             return super().step(logits, tokens)
 
         def _smallest_gap(self, logits, tokens) -> float:
-            # The joint scores BeamSearchStrategy.step ranks: the same filters and n-gram bans.
-            batch, beams, vocab = logits.shape
-            logits = logits.float().clone()
-            for invalid in self.invalid_slices:
-                logits[..., invalid] = FILTERED
-            if self.min_gen_length > self.length_generated:
-                for end in self.end_tokens:
-                    logits[..., end] = FILTERED
-            for b in range(batch):
-                for i in range(beams):
-                    seq = tokens[b][i]
-                    if len(seq) > self.ngram:
-                        banned = self.rows[b].bans[i].get(tuple(seq[-(self.ngram - 1):]), ())
-                        if banned:
-                            logits[b, i, list(banned)] = FILTERED
-            scores = F.log_softmax(logits, dim=-1)  # [batch, beams, vocab]
-            if self.scores is not None:
-                scores = scores + self.scores[..., None]
-            flat = scores.view(batch, beams * vocab)
+            # The joint scores BeamSearchStrategy.step ranks (on a copy: it filters float32 in place).
+            flat = self.joint_scores(logits.float().clone(), tokens)
             count = (max(1, len(self.end_tokens)) + 1) * self.num_beams
             top = flat.topk(min(count + 1, flat.shape[1]), dim=-1).values  # [batch, count + 1]
             gaps = (top[:, :-1] - top[:, 1:]).min(dim=-1).values

@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"glmc: error: {error.format_message()} (see '{command}--help')", err=True)
         return error.exit_code
     except click.ClickException as error:
-        click.echo(f"glmc: error: {error.format_message()}", err=True)
+        click.echo(f"glmc: error: {_one_line(error.format_message())}", err=True)
         return error.exit_code
     except GlmcError as error:
-        click.echo(f"glmc: error: {error}", err=True)
+        click.echo(f"glmc: error: {_one_line(str(error))}", err=True)
         return 1
     except OSError as error:  # a path the user gave: unwritable, a folder, the disk full...
         where = f"{error.filename}: " if error.filename else ""
@@ -57,7 +57,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("glmc: interrupted", err=True)
         return 130
+    except Exception as error:  # a bug of glmc's: one line for the user, the traceback in a log
+        log = _write_crash_log()
+        click.echo(f"glmc: internal error: {type(error).__name__}: {_one_line(str(error))} "
+                   f"(traceback in {log}; please report it)", err=True)
+        return 70
     return 0
+
+
+MESSAGE_LIMIT = 400  # characters of a message quoted from elsewhere (a file's contents, a library)
+
+
+def _one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _write_crash_log() -> str:
+    import tempfile
+    import traceback
+
+    with tempfile.NamedTemporaryFile("w", prefix="glmc-crash-", suffix=".log", delete=False) as f:
+        traceback.print_exc(file=f)
+        return f.name
 
 
 if __name__ == "__main__":

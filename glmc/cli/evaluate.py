@@ -41,6 +41,10 @@ def evaluate(tasks, data_path, model, micro_batch_size, output, modules, as_json
     (generation), PPL (language modelling), and any registered by an --import
     module; a task's `module` names its own task class.
 
+    A task's `module` and every --import MODULE are Python code that runs with
+    your rights, as GLM-130B's task modules do: evaluate only task folders you
+    trust.
+
     \b
     Examples:
       glmc evaluate tasks/demo --data-path tasks/demo/data

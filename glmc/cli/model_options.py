@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from glmc.cli.types import finite, threads
 from glmc.runtime.launch import torchrun_rank
 
 
@@ -51,8 +52,8 @@ _OPTIONS = [
                  help="icetk: what GLM-130B's pinned SAT 0.2.12 runs (whitespace folded). sat-0.3: later "
                       "SAT's tokenizer (tabs, blank runs, bytes kept; different ids).  [default: icetk]"),
     click.option("--backend", default="torch", help="Backend that runs the model: torch or onnxruntime."),
-    click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads. Default: the backend's choice.",
-                 show_default=False),
+    click.option("--threads", type=threads(), help="Intra-op threads, at most 4 per core. Default: the "
+                 "backend's choice.", show_default=False),
     click.option("--torch-compile", is_flag=True,
                  help="torch backend: run the model through torch.compile (slow first steps, faster later)."),
     click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="GLMC_CACHE_DIR",
@@ -62,7 +63,7 @@ _OPTIONS = [
                  help="Tensor-parallel degree: this process runs rank 0 and starts the other ranks, each "
                       "loading only its share (a package must have been exported for it; a checkpoint is "
                       "resharded on the fly). Under torchrun the degree is torchrun's."),
-    click.option("--collective-timeout", type=click.FloatRange(min=1), default=20.0,
+    click.option("--collective-timeout", type=finite(1, 86400), default=20.0,
                  help="Seconds a rank waits for its peers before the run is stopped."),
     click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
                  help="Compute dtype. Default: the model's own, except that the torch backend computes "
@@ -122,7 +123,7 @@ def _serve_torchrun_rank(rank: int, tp_size: int, local_rank: int, options: Mode
     source = options.source
     if source is None:  # the embedded model; rank 0 exports it for package backends, the others wait
         source = EMBEDDED_DEFAULT if options.backend == "torch" else exported_default(
-            options.cache_dir, options.dtype or "float32", wait_seconds=600)
+            options.cache_dir, options.dtype or "float32", tp_size=tp_size, wait_seconds=600)
     spec = RankSpec(source=str(source), backend=options.backend, tp_size=tp_size, dtype=options.dtype,
                     device=options.device, threads=options.threads, torch_compile=options.torch_compile,
                     config=options.config_name, timeout=options.collective_timeout)

@@ -12,6 +12,7 @@ import click
 
 from glmc.cli import cli
 from glmc.cli.model_options import model_options, open_model
+from glmc.cli.types import SEED, finite
 from glmc.errors import GlmcError, PromptError
 from glmc.fileio import read_text
 
@@ -37,13 +38,13 @@ QUERY_PROMPT = "\nPlease Input Query (stop to exit) >>> "
               help="Hold end tokens back until this many tokens of the blank are generated.")
 @click.option("--sampling-strategy", type=click.Choice(["BaseStrategy", "BeamSearchStrategy"]),
               default="BaseStrategy", help="Sampling (temperature/top-k/top-p) or beam search.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0)
+@click.option("--temperature", type=finite(0, min_open=True), default=1.0)
 @click.option("--top-k", "--top_k", "top_k", type=click.IntRange(min=0), default=0,
               help="Keep the k most likely tokens (0: no limit; 1: greedy).")
-@click.option("--top-p", "--top_p", "top_p", type=click.FloatRange(0, 1), default=0.7,
+@click.option("--top-p", "--top_p", "top_p", type=finite(0, 1), default=0.7,
               help="Keep the smallest set of tokens whose probability reaches p (0: off).")
 @click.option("--num-beams", type=click.IntRange(min=1), default=4)
-@click.option("--length-penalty", type=float, default=1.0,
+@click.option("--length-penalty", type=finite(), default=1.0,
               help="Beam score / ((5 + length) / 6) ** penalty, length counting the context.")
 @click.option("--no-repeat-ngram-size", type=click.IntRange(min=0), default=3,
               help="Beam search never repeats an n-gram of this size (0: off).")
@@ -52,7 +53,7 @@ QUERY_PROMPT = "\nPlease Input Query (stop to exit) >>> "
                    "deterministic top candidates, as its evaluation does.")
 @click.option("--print-all-beams", is_flag=True, help="Print every beam, not only the best.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, help="Prompts generated together.")
-@click.option("--seed", type=int, default=1234, help="Seed of the sampling generator.")
+@click.option("--seed", type=SEED, default=1234, help="Seed of the sampling generator.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object per prompt (input, answers, blanks, token ids, scores) "
                    "instead of text.")

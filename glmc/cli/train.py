@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from glmc.cli import cli
+from glmc.cli.types import SEED, finite
 
 
 @cli.command(context_settings={"show_default": True})
@@ -21,10 +22,10 @@ from glmc.cli import cli
 @click.option("--steps", type=click.IntRange(min=1), required=True, help="Optimizer steps in all (resumed runs included).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, help="Samples per step.")
 @click.option("--seq-len", type=click.IntRange(min=16), default=256, help="Tokens per sample, blanks included.")
-@click.option("--lr", type=float, default=1e-3, help="Peak learning rate (AdamW, warmup then cosine decay).")
+@click.option("--lr", type=finite(0, min_open=True), default=1e-3, help="Peak learning rate (AdamW, warmup then cosine decay).")
 @click.option("--warmup-steps", type=click.IntRange(min=1), help="Default: 2% of the steps.", show_default=False)
-@click.option("--embedding-grad-scale", type=float, default=0.1, help="GLM-130B's embedding gradient shrink.")
-@click.option("--seed", type=int, default=1234, help="Seed of the initialisation and of the data order.")
+@click.option("--embedding-grad-scale", type=finite(0), default=0.1, help="GLM-130B's embedding gradient shrink.")
+@click.option("--seed", type=SEED, default=1234, help="Seed of the initialisation and of the data order.")
 @click.option("--save-interval", type=click.IntRange(min=0), default=0,
               help="Steps between checkpoints (0: only at the end).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,

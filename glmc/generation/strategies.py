@@ -171,8 +171,10 @@ class BeamSearchStrategy:
         row.end_beams.insert(at, Beam(tokens, penalized))
         del row.end_beams[self.num_beams:]
 
-    def step(self, logits: torch.Tensor, tokens: Tokens) -> tuple[Tokens, list[int]]:
-        """logits [batch, beams, vocab] -> num_beams continuing beams per row."""
+    def joint_scores(self, logits: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+        """logits [batch, beams, vocab] -> the score of every continuation [batch, beams * vocab]:
+        the beam's score plus the token's log-probability, with the filters, the held-back end
+        tokens and the n-gram bans applied (in float32; float32 logits are filtered in place)."""
         batch, beams, vocab = logits.shape
         logits = logits.float()
         for invalid in self.invalid_slices:
@@ -191,7 +193,12 @@ class BeamSearchStrategy:
         scores = F.log_softmax(logits, dim=-1)  # [batch, beams, vocab]
         if self.scores is not None:
             scores = scores + self.scores[..., None]
-        flat = scores.view(batch, beams * vocab)
+        return scores.view(batch, beams * vocab)
+
+    def step(self, logits: torch.Tensor, tokens: Tokens) -> tuple[Tokens, list[int]]:
+        """logits [batch, beams, vocab] -> num_beams continuing beams per row."""
+        batch, beams, vocab = logits.shape
+        flat = self.joint_scores(logits, tokens)
         probs = F.softmax(flat, dim=-1)
         count = (max(1, len(self.end_tokens)) + 1) * self.num_beams
         if self.deterministic:
