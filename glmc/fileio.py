@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from glmc.errors import GlmcError
 
@@ -38,14 +40,81 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-def read_text(path: Path, error: type[GlmcError] = GlmcError, label: str = "") -> str:
-    """A UTF-8 text file, or one `error` naming it (after `label`, e.g. "--data ")."""
+def read_text(path: Path, error: type[GlmcError] = GlmcError, label: str = "",
+              max_bytes: int | None = None) -> str:
+    """A UTF-8 text file, or one `error` naming it (after `label`, e.g. "--data ").
+
+    With `max_bytes`, a larger file is refused before it is read (a metadata file of
+    gigabytes is not metadata)."""
+    path = Path(path)
     try:
-        return Path(path).read_text(encoding="utf-8")
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            raise error(f"{label}{path}: {path.stat().st_size:,} bytes, more than the {max_bytes:,} "
+                        "such a file may hold")
+        return path.read_text(encoding="utf-8")
     except OSError as problem:
         raise error(f"{label}{path}: {problem.strerror or problem}") from None
     except UnicodeDecodeError:
         raise error(f"{label}{path}: not UTF-8 text") from None
+
+
+MAX_JSON_DEPTH = 32  # configs and manifests nest a few levels; deeper is an attack or an accident
+
+
+def parse_json(text: str, source: str, error: type[GlmcError] = GlmcError,
+               max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Strict JSON (no NaN or Infinity, no number out of float range, no duplicate keys) nested at most `max_depth` levels,
+    or one `error` naming `source`."""
+    def refuse_constant(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    def finite_float(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):
+            raise ValueError(f"{literal} is out of range")
+        return value
+
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            duplicate = next(k for k in keys if keys.count(k) > 1)
+            raise ValueError(f"key {duplicate!r} given twice")
+        return dict(pairs)
+
+    try:
+        value = json.loads(text, parse_constant=refuse_constant, parse_float=finite_float,
+                           object_pairs_hook=no_duplicates)
+    except RecursionError:
+        raise error(f"{source}: nested deeper than {max_depth} levels") from None
+    except ValueError as problem:
+        detail = " ".join(str(problem).split())[:200]
+        raise error(f"{source}: not valid JSON ({detail})") from None
+    if nesting(value) > max_depth:
+        raise error(f"{source}: nested deeper than {max_depth} levels")
+    return value
+
+
+def nesting(value: Any) -> int:
+    """How deeply lists and dicts nest in `value` (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def read_json(path: Path, error: type[GlmcError] = GlmcError, *, max_bytes: int = 1 << 20,
+              label: str = "") -> Any:
+    """A bounded, strict JSON file (see `read_text`, `parse_json`)."""
+    return parse_json(read_text(path, error, label, max_bytes), f"{label}{path}", error)
+
+
+def finite_number(value: Any) -> bool:
+    """An int or a finite float (bool excluded: JSON's true is not a number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
