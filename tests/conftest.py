@@ -57,6 +57,21 @@ def sat_tiny_weights() -> dict[str, torch.Tensor]:
     return {k.removeprefix("transformer."): v for k, v in state.items()}
 
 
+def record_step_logits(strategy) -> list[torch.Tensor]:
+    """Make `strategy` record the logits handed to each step of every generation it starts."""
+    seen: list[torch.Tensor] = []
+    start = strategy.start
+
+    def recording_start(*args, **kwargs):
+        run = start(*args, **kwargs)
+        step = run.step
+        run.step = lambda logits, tokens: (seen.append(logits.clone()), step(logits, tokens))[1]
+        return run
+
+    strategy.start = recording_start
+    return seen
+
+
 def _export(checkpoint, path, **options):
     from glmc.api import export
 

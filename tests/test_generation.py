@@ -8,7 +8,7 @@ import torch
 
 import glmc
 import oracle
-from conftest import SAT_TINY, TINY_SPECIAL, sat_tiny_npz
+from conftest import SAT_TINY, TINY_SPECIAL, record_step_logits, sat_tiny_npz
 from glmc.errors import PromptError
 from glmc.generation.filling import (
     BlankRequest,
@@ -107,10 +107,8 @@ class _Recompute:
 def test_cached_generation_equals_recomputation(sat_tiny, sat_tiny_cases):
     case = sat_tiny_cases["cases"]["gen_gmask"]
     golden = sat_tiny_npz("gen_gmask")
-    seen = []
     strategy = BaseStrategy(top_k=1)
-    step = strategy.step
-    strategy.step = lambda logits, tokens: (seen.append(logits.clone()), step(logits, tokens))[1]
+    seen = record_step_logits(strategy)
     request = BlankRequest(case["context"], case["mask_position"], True, 8)
     beams = generate_blanks(_Recompute(sat_tiny.executable.model), [request], strategy, S)
     assert beams[0][0].tokens[len(case["context"]):] == case["generated"]
@@ -150,14 +148,68 @@ PROMPTS = [[31, 32, 33, 34, 35, 36, 37], [41, S.mask, 42], [51, 52, S.smask, 53,
 
 
 @pytest.mark.parametrize("make", [lambda: BaseStrategy(top_k=1),
-                                  lambda: BeamSearchStrategy(3, 0.8, no_repeat_ngram_size=2, min_gen_length=2)],
-                         ids=["greedy", "beam"])
+                                  lambda: BeamSearchStrategy(3, 0.8, no_repeat_ngram_size=2, min_gen_length=2),
+                                  lambda: BaseStrategy(1.3, 0, 0.95, seed=5),
+                                  lambda: BeamSearchStrategy(3, 0.8, deterministic=False, seed=11)],
+                         ids=["greedy", "beam", "sampling", "beam-sampling"])
 def test_batched_prompts_equal_single_prompts(tiny, make):
+    # Sampling too: each row draws from its own generator, seeded as its prompt alone would be.
     batched = tiny.generate(PROMPTS, make(), out_seq_length=24)
     for prompt, together in zip(PROMPTS, batched):
         alone = tiny.generate(prompt, make(), out_seq_length=24)
         assert together.token_ids == alone.token_ids
         assert np.allclose([s or 0 for s in together.scores], [s or 0 for s in alone.scores], atol=1e-4)
+
+
+def test_one_strategy_serves_concurrent_generations(tiny_checkpoint):
+    # A strategy holds only parameters; each generation keeps its own state. Models serialise calls.
+    import threading
+
+    model = glmc.load(tiny_checkpoint)
+    strategies = [BaseStrategy(1.2, 0, 0.9, seed=3), BeamSearchStrategy(3, 1.0, no_repeat_ngram_size=2)]
+    expected = {(i, j): model.generate(prompt, strategy, out_seq_length=24).token_ids
+                for i, prompt in enumerate(PROMPTS) for j, strategy in enumerate(strategies)}
+    results, errors = {}, []
+
+    def work(i, j):
+        try:
+            for _ in range(2):
+                results[i, j] = model.generate(PROMPTS[i], strategies[j], out_seq_length=24).token_ids
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=key) for key in expected]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and results == expected
+
+
+def _sat_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """SAT's top-p filter as written there: sort the whole row, cumulative softmax, keep up to the crossing."""
+    sorted_logits, sorted_indices = torch.sort(logits, descending=True, dim=-1)
+    cumulative = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
+    remove = cumulative > top_p
+    remove[..., 1:] = remove[..., :-1].clone()
+    remove[..., 0] = False
+    return logits.scatter(-1, sorted_indices, sorted_logits.masked_fill(remove, FILTERED))
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.7, 0.95, 0.9999, 1.0])
+@pytest.mark.parametrize("scale", [0.1, 1.0, 8.0])  # flat rows need thousands of candidates, peaked ones a few
+def test_top_p_without_a_full_sort_keeps_what_sat_keeps(top_p, scale):
+    generator = torch.Generator().manual_seed(int(top_p * 1000 + scale * 10))
+    logits = torch.randn(3, 20000, generator=generator) * scale
+    assert torch.equal(top_k_top_p_filter(logits.clone(), top_p=top_p), _sat_top_p(logits, top_p))
+
+
+def test_non_finite_logits_are_one_error_not_a_crash():
+    logits = torch.zeros(1, 1, 50)
+    logits[0, 0, 3] = float("nan")
+    for strategy in (BaseStrategy(), BeamSearchStrategy(2)):
+        with pytest.raises(glmc.errors.GlmcError, match="non-finite logits"):
+            strategy.start(1, S.end_tokens).step(logits.clone(), [[[1]] * strategy.num_beams])
 
 
 def test_sampling_is_seeded(tiny):
@@ -187,30 +239,27 @@ def test_top_k_and_top_p_filters():
 
 
 def test_base_strategy_ends_rows_and_pads_with_minus_one():
-    strategy = BaseStrategy(top_k=1)
-    strategy.start(2, S.end_tokens)
+    run = BaseStrategy(top_k=1).start(2, S.end_tokens)
     logits = torch.full((2, 1, 1024), -5.0)
     logits[0, 0, S.eos] = 5.0
     logits[1, 0, 7] = 5.0
-    tokens, parents = strategy.step(logits, [[[1]], [[2]]])
-    assert tokens == [[[1, S.eos]], [[2, 7]]] and parents == [0, 1] and strategy.done == [True, False]
-    tokens, _ = strategy.step(logits, tokens)
+    tokens, parents = run.step(logits, [[[1]], [[2]]])
+    assert tokens == [[[1, S.eos]], [[2, 7]]] and parents == [0, 1] and run.done == [True, False]
+    tokens, _ = run.step(logits, tokens)
     assert tokens == [[[1, S.eos, -1]], [[2, 7, 7]]]
 
 
 def test_min_gen_length_holds_end_tokens_back():
-    strategy = BaseStrategy(top_k=1, min_gen_length=1)
-    strategy.start(1, S.end_tokens)
+    run = BaseStrategy(top_k=1, min_gen_length=1).start(1, S.end_tokens)
     logits = torch.zeros(1, 1, 1024)
     logits[0, 0, S.eop] = 9.0
     logits[0, 0, 4] = 1.0
-    assert strategy.step(logits, [[[1]]])[0] == [[[1, 4]]]
-    assert strategy.step(logits, [[[1, 4]]])[0] == [[[1, 4, S.eop]]]
+    assert run.step(logits, [[[1]]])[0] == [[[1, 4]]]
+    assert run.step(logits, [[[1, 4]]])[0] == [[[1, 4, S.eop]]]
 
 
 def test_beam_search_length_penalty_and_end_beams():
-    strategy = BeamSearchStrategy(2, length_penalty=2.0)
-    strategy.start(1, S.end_tokens)
+    strategy = BeamSearchStrategy(2, length_penalty=2.0).start(1, S.end_tokens)
     logp = torch.log(torch.tensor([0.5, 0.3, 0.2]))
     logits = torch.full((1, 1, 1024), -1e9)
     logits[0, 0, [S.eos, 3, 4]] = logp
@@ -225,8 +274,7 @@ def test_beam_search_length_penalty_and_end_beams():
 
 
 def test_beam_search_bans_repeated_ngrams():
-    strategy = BeamSearchStrategy(1, no_repeat_ngram_size=2)
-    strategy.start(1, S.end_tokens)
+    strategy = BeamSearchStrategy(1, no_repeat_ngram_size=2).start(1, S.end_tokens)
     logits = torch.zeros(1, 1, 30)
     logits[0, 0, 5] = 3.0
     logits[0, 0, 6] = 2.0
@@ -250,8 +298,7 @@ def _beam_logits(rows: list[dict[int, float]]) -> torch.Tensor:
 def test_beam_candidates_reach_past_the_end_tokens():
     # Two beams whose two best tokens are both end tokens: the 4 best candidates all end,
     # so continuing beams come from the 5th and 6th of (2 end tokens + 1) * 2 candidates.
-    strategy = BeamSearchStrategy(2)
-    strategy.start(1, S.end_tokens)
+    strategy = BeamSearchStrategy(2).start(1, S.end_tokens)
     strategy.scores = torch.tensor([[0.0, -0.1]])
     logits = _beam_logits([{S.eos: -0.1, S.eop: -0.2, 7: -3.0}, {S.eos: -0.1, S.eop: -0.2, 8: -3.0}])
     tokens, parents = strategy.step(logits, [[[1, 2], [1, 3]]])
@@ -262,8 +309,7 @@ def test_beam_candidates_reach_past_the_end_tokens():
 def test_the_scan_stops_at_the_first_continuing_candidate_too_many():
     # Candidates in order: 5, 6 (continue), eop (ends: still scanned), 7 (a third continuing
     # beam: the scan stops), eos (never reached, so it never becomes an end beam).
-    strategy = BeamSearchStrategy(2)
-    strategy.start(1, S.end_tokens)
+    strategy = BeamSearchStrategy(2).start(1, S.end_tokens)
     logits = _beam_logits([{5: -0.1, 6: -0.2, S.eop: -0.25, 7: -0.3, S.eos: -0.35}])
     tokens, _ = strategy.step(logits, [[[1]]])
     assert tokens == [[[1, 5], [1, 6]]]
@@ -271,8 +317,7 @@ def test_the_scan_stops_at_the_first_continuing_candidate_too_many():
 
 
 def test_equal_end_scores_put_the_newer_beam_first():
-    strategy = BeamSearchStrategy(3, length_penalty=0.0)
-    strategy.start(1, S.end_tokens)
+    strategy = BeamSearchStrategy(3, length_penalty=0.0).start(1, S.end_tokens)
     strategy._add_end_beam(strategy.rows[0], -1.0, [1, 2])
     strategy._add_end_beam(strategy.rows[0], -1.0, [3, 4])
     assert [b.tokens for b in strategy.rows[0].end_beams] == [[3, 4], [1, 2]]

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import glmc
-from conftest import SAT_ORACLE, SAT_TINY, TINY_SPECIAL, sat_tiny_weights
+from conftest import SAT_ORACLE, SAT_TINY, TINY_SPECIAL, record_step_logits, sat_tiny_weights
 from glmc.config import GLMConfig
 from glmc.generation.strategies import BaseStrategy, BeamSearchStrategy
 from glmc.model import GLMModel
@@ -100,9 +100,7 @@ def sat_tiny(request):
 
 def run_recording(model, prompt, strategy, out_seq_length):
     """Generate, keeping the logits handed to the strategy at every step."""
-    steps = []
-    step = strategy.step
-    strategy.step = lambda logits, tokens: (steps.append(logits.clone()), step(logits, tokens))[1]
+    steps = record_step_logits(strategy)
     return model.generate(prompt, strategy, out_seq_length=out_seq_length), steps
 
 
@@ -151,6 +149,12 @@ def test_seeded_sampling_draws_what_glm130b_draws(sat_tiny, case):
     same(torch.cat(steps, 1), npz(case)["step_logits"], "float32", f"{case} step logits")
 
 
+# The environment of the bit-exact run: torch's, oneDNN's and MKL's kernels pinned to AVX2, one thread.
+PINNED = {"GLMC_TEST_BIT_EXACT": "1", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+          "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+FINGERPRINT = json.loads((SAT_ORACLE / "kernel_fingerprint.json").read_text())
+
+
 def _has_avx2() -> bool:
     try:
         return " avx2 " in f" {Path('/proc/cpuinfo').read_text()} ".replace("\n", " ")
@@ -161,8 +165,13 @@ def _has_avx2() -> bool:
 @pytest.mark.skipif(BIT_EXACT, reason="already running bit-exact")
 @pytest.mark.skipif(not _has_avx2(), reason="the golden data was made with AVX2 kernels; this CPU has none")
 def test_bit_identical_with_the_original_kernels():
-    env = dict(os.environ, GLMC_TEST_BIT_EXACT="1", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
-               OMP_NUM_THREADS="1")
+    env = dict(os.environ, **PINNED)
+    probe = subprocess.run([sys.executable, str(Path(__file__).parent / "kernel_fingerprint.py")], env=env,
+                           capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    if probe != FINGERPRINT["sha256"]:
+        pytest.skip(f"this machine's CPU kernels round the golden model's ops differently from those bit-identity "
+                    f"was measured with ({FINGERPRINT['measured_on']}): kernel fingerprint {probe[:12]} != "
+                    f"{FINGERPRINT['sha256'][:12]}; the tolerance tests above still hold")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]

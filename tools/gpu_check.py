@@ -417,20 +417,24 @@ def recording_greedy(record: GreedyRecord):
         def __init__(self):
             super().__init__(top_k=1)
 
-        def start(self, batch_size, end_tokens):
-            super().start(batch_size, end_tokens)
+        def start(self, batch_size, end_tokens, generators=None):
+            run = super().start(batch_size, end_tokens, generators)
             record.calls.append([])
+            step = run.step
 
-        def step(self, logits, tokens):
-            done = list(self.done)
-            flat = logits.reshape(logits.shape[0], -1).float()  # [batch, vocab]
-            top2 = flat.topk(2, dim=-1).values
-            margins = (top2[:, 0] - top2[:, 1]).tolist()
-            peaks = flat.abs().max(dim=-1).values.tolist()
-            out, parents = super().step(logits, tokens)
-            record.calls[-1].append([None if d else (out[r][0][-1], margins[r], peaks[r])
-                                     for r, d in enumerate(done)])
-            return out, parents
+            def recording_step(logits, tokens):
+                done = list(run.done)
+                flat = logits.reshape(logits.shape[0], -1).float()  # [batch, vocab]
+                top2 = flat.topk(2, dim=-1).values
+                margins = (top2[:, 0] - top2[:, 1]).tolist()
+                peaks = flat.abs().max(dim=-1).values.tolist()
+                out, parents = step(logits, tokens)
+                record.calls[-1].append([None if d else (out[r][0][-1], margins[r], peaks[r])
+                                         for r, d in enumerate(done)])
+                return out, parents
+
+            run.step = recording_step
+            return run
 
     return RecordingGreedy()
 
@@ -454,23 +458,28 @@ def recording_beam_search(record: BeamRecord):
         def __init__(self):
             super().__init__(3, 1.0, no_repeat_ngram_size=3, min_gen_length=2)
 
-        def start(self, batch_size, end_tokens):
-            super().start(batch_size, end_tokens)
+        def start(self, batch_size, end_tokens, generators=None):
+            run = super().start(batch_size, end_tokens, generators)
             record.calls.append([])
+            step = run.step
 
-        def step(self, logits, tokens):
-            beams = [[list(seq) for seq in row] for row in tokens]
-            record.calls[-1].append((self._smallest_gap(logits, tokens), float(logits.float().abs().max()), beams))
-            return super().step(logits, tokens)
+            def recording_step(logits, tokens):
+                beams = [[list(seq) for seq in row] for row in tokens]
+                record.calls[-1].append((_smallest_gap(run, logits, tokens), float(logits.float().abs().max()),
+                                         beams))
+                return step(logits, tokens)
 
-        def _smallest_gap(self, logits, tokens) -> float:
-            # The joint scores BeamSearchStrategy.step ranks (on a copy: it filters float32 in place).
-            flat = self.joint_scores(logits.float().clone(), tokens)
-            count = (max(1, len(self.end_tokens)) + 1) * self.num_beams
-            top = flat.topk(min(count + 1, flat.shape[1]), dim=-1).values  # [batch, count + 1]
-            gaps = (top[:, :-1] - top[:, 1:]).min(dim=-1).values
-            live = [gap for gap, row in zip(gaps.tolist(), self.rows) if not row.done]
-            return min(live) if live else math.inf
+            run.step = recording_step
+            return run
+
+    def _smallest_gap(run, logits, tokens) -> float:
+        # The joint scores the beam search ranks (on a copy: it filters float32 in place).
+        flat = run.joint_scores(logits.float().clone(), tokens)
+        count = (max(1, len(run.end_tokens)) + 1) * run.num_beams
+        top = flat.topk(min(count + 1, flat.shape[1]), dim=-1).values  # [batch, count + 1]
+        gaps = (top[:, :-1] - top[:, 1:]).min(dim=-1).values
+        live = [gap for gap, row in zip(gaps.tolist(), run.rows) if not row.done]
+        return min(live) if live else math.inf
 
     return RecordingBeamSearch()
 

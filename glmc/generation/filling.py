@@ -41,10 +41,18 @@ class Executable(Protocol):
 
 
 class Strategy(Protocol):
-    num_beams: int
-    is_done: bool
+    """Sampling parameters (glmc.generation.strategies); `start` returns one generation's state."""
 
-    def start(self, batch_size: int, end_tokens: tuple[int, ...]) -> None: ...
+    num_beams: int
+
+    def generator(self) -> torch.Generator: ...
+
+    def start(self, batch_size: int, end_tokens: tuple[int, ...],
+              generators: list[torch.Generator] | None = None) -> "StrategyRun": ...
+
+
+class StrategyRun(Protocol):
+    is_done: bool
 
     def step(self, logits: torch.Tensor, tokens: Tokens) -> tuple[Tokens, list[int]]: ...
 
@@ -104,10 +112,11 @@ def generate_blanks(
     *,
     device: torch.device | str = "cpu",
     on_step: Callable[[Tokens], None] | None = None,
+    generators: list[torch.Generator] | None = None,
 ) -> list[list[Beam]]:
     """Generate one blank for each request, batched; per request the beams, best first."""
     return generate(executable, [r.generation_input() for r in requests], strategy, special, device=device,
-                    on_step=on_step)
+                    on_step=on_step, generators=generators)
 
 
 def generate(
@@ -118,11 +127,13 @@ def generate(
     *,
     device: torch.device | str = "cpu",
     on_step: Callable[[Tokens], None] | None = None,
+    generators: list[torch.Generator] | None = None,
 ) -> list[list[Beam]]:
     """Generate after each input's context, batched; per input the beams, best first.
 
     A generated token sees what the context's last token (`sop`) sees and the tokens
-    generated before it (GLM-130B's evaluation/model.py `generate_text`).
+    generated before it (GLM-130B's evaluation/model.py `generate_text`). Input i draws
+    from `generators[i]` (default: a fresh one per input, seeded as the strategy says).
     """
     batch = len(inputs)
     width = max(len(i.tokens) for i in inputs)
@@ -139,13 +150,13 @@ def generate(
     key_masked = torch.stack([torch.cat((torch.ones(p, dtype=torch.bool), i.attention_mask[-1]))
                               for p, i in zip(pads, inputs)])
 
-    strategy.start(batch, special.end_tokens)
+    run = strategy.start(batch, special.end_tokens, generators)
     logits, cache = executable.prefill(tokens.to(device), positions.to(device), mask.to(device), last_only=True)
     beams: Tokens = [[list(i.tokens)] for i in inputs]
     steps = 0
     while True:
         num_beams = len(beams[0])
-        beams, parents = strategy.step(logits.reshape(batch, num_beams, -1).cpu(), beams)
+        beams, parents = run.step(logits.reshape(batch, num_beams, -1).cpu(), beams)
         steps += 1
         if on_step is not None:
             on_step(beams)
@@ -153,8 +164,8 @@ def generate(
             cache = executable.reorder_cache(cache, torch.tensor(parents, device=device))
         for row, item in enumerate(inputs):
             if steps >= item.max_new_tokens:
-                strategy.stop_row(row, beams)
-        if strategy.is_done:
+                run.stop_row(row, beams)
+        if run.is_done:
             break
         num_beams = len(beams[0])
         last = torch.tensor([[seq[-1] if seq[-1] >= 0 else pad_id] for row in beams for seq in row])
@@ -168,7 +179,7 @@ def generate(
             step_mask.repeat_interleave(num_beams, dim=0).to(device),
             cache,
         )
-    return strategy.finalize(beams)
+    return run.finalize(beams)
 
 
 def generated_tokens(tokens: list[int], context_length: int, end_tokens: tuple[int, ...]) -> list[int]:
@@ -244,10 +255,13 @@ def fill_blanks(
     max_sequence_length: int,
     device: torch.device | str = "cpu",
     on_step: Callable[[int, list[int]], None] | None = None,
+    generators: list[torch.Generator] | None = None,
 ) -> list[Filled]:
     """Fill every mask of every prompt, left to right, prompts batched per round.
 
     `on_step(prompt_index, blank_ids)` sees the best beam's blank after every step.
+    Prompt i draws from `generators[i]` across all its blanks (default: one generator per
+    prompt seeded with the strategy's seed), so it gives what it gives alone.
     """
     if out_seq_length > max_sequence_length:
         raise PromptError(f"--out-seq-length {out_seq_length} exceeds the model's maximum sequence "
@@ -256,6 +270,8 @@ def fill_blanks(
         if len(prompt.ids) > max_sequence_length:
             raise PromptError(f"prompt {index + 1} is {len(prompt.ids)} tokens long; the model takes at "
                               f"most {max_sequence_length}")
+    if generators is None:
+        generators = [strategy.generator() for _ in prompts]
     states = [_FillState(p, strategy.num_beams) for p in prompts]
     while active := [s for s in states if s.prompt.mask_id in s.outputs[0]]:
         requests = []
@@ -275,7 +291,8 @@ def fill_blanks(
             def step_hook(beams: Tokens) -> None:  # the best beam's blank so far, per prompt
                 for r, request in enumerate(requests):
                     on_step(rows[r], beams[r][0][len(request.context):])
-        results = generate_blanks(executable, requests, strategy, special, device=device, on_step=step_hook)
+        results = generate_blanks(executable, requests, strategy, special, device=device, on_step=step_hook,
+                                  generators=[generators[states.index(s)] for s in active])
         for state, request, beams in zip(active, requests, results):
             state.absorb(request, beams, special)
     return [s.result(special) for s in states]
