@@ -1,9 +1,9 @@
 """Backends behind one small protocol, registered by name and imported lazily.
 
 A backend turns a model source (a SAT checkpoint or a compiled package) into an
-`Executable` for one tensor-parallel rank: `compile(source, mapping, options) ->
-Executable`, whose `prefill`, `decode` and `reorder_cache` are all that generation
-needs. An executable owns its device (`.device`, `.dtype`): it takes inputs on any
+`Executable` for one tensor-parallel rank: each backend module's `compile(source,
+mapping, spec, comm) -> Executable`, whose `prefill`, `decode` and `reorder_cache` are
+all that generation needs; `open_rank(spec, mapping, comm)` is the one way in. An executable owns its device (`.device`, `.dtype`): it takes inputs on any
 device and moves them there, and every tensor it returns, logits and KV cache
 (`cache_tensors(cache)`), lies there.
 """
@@ -16,6 +16,7 @@ from typing import Any
 
 from glmc.config import Mapping
 from glmc.errors import GlmcError
+from glmc.run_spec import RunSpec
 
 
 @dataclass(frozen=True)
@@ -37,14 +38,6 @@ BACKENDS: dict[str, BackendInfo] = {
 }
 
 
-@dataclass(frozen=True)
-class CompileOptions:
-    dtype: str | None = None  # None: the source's own dtype
-    device: str = "cpu"
-    threads: int | None = None  # intra-op threads (None: the backend's default)
-    torch_compile: bool = False  # torch backend: run the model through torch.compile
-
-
 def backend_info(name: str) -> BackendInfo:
     try:
         return BACKENDS[name]
@@ -52,15 +45,24 @@ def backend_info(name: str) -> BackendInfo:
         raise GlmcError(f"unknown backend '{name}': choose from {', '.join(BACKENDS)}") from None
 
 
-def compile(backend: str, source: Any, mapping: Mapping = Mapping(),
-            options: CompileOptions = CompileOptions(), comm=None):
-    """Build the Executable of `mapping.rank` on the named backend; `comm` (glmc.model.parallel.Collectives)
-    connects the ranks when `mapping.tp_size` > 1."""
-    info = backend_info(backend)
-    if options.device.split(":")[0] not in info.devices:
-        raise GlmcError(f"backend '{info.name}' does not run on device '{options.device}' "
+def check_spec(spec: RunSpec) -> BackendInfo:
+    """Refuse a backend, device or dtype the named backend does not have, before anything starts."""
+    info = backend_info(spec.backend)
+    if spec.device_kind not in info.devices:
+        raise GlmcError(f"backend '{info.name}' does not run on device '{spec.device}' "
                         f"(it runs on {', '.join(info.devices)})")
-    if options.dtype is not None and options.dtype not in info.dtypes:
-        raise GlmcError(f"backend '{info.name}' does not support dtype '{options.dtype}' "
+    if spec.dtype is not None and spec.dtype not in info.dtypes:
+        raise GlmcError(f"backend '{info.name}' does not support dtype '{spec.dtype}' "
                         f"(choose from {', '.join(info.dtypes)})")
-    return importlib.import_module(info.module).compile(source, mapping, options, comm)
+    return info
+
+
+def open_rank(spec: RunSpec, mapping: Mapping = Mapping(), comm=None, source: Any = None):
+    """The Executable of `mapping.rank` as `spec` says; `comm` (glmc.model.parallel.Collectives)
+    connects the ranks when `mapping.tp_size` > 1. `source`: `spec.source` already opened."""
+    from glmc.sources import open_source
+
+    info = check_spec(spec)
+    if source is None:
+        source = open_source(spec.source, spec.config)
+    return importlib.import_module(info.module).compile(source, mapping, spec, comm)

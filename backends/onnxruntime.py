@@ -21,6 +21,7 @@ from glmc.config import Mapping
 from glmc.errors import GlmcError
 from glmc.graphs.segments import Segment, split
 from glmc.model.parallel import Collectives, SingleRank
+from glmc.run_spec import RunSpec
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -176,13 +177,13 @@ class OrtExecutable:
         return [self._to_torch(value) for value in cache]
 
 
-def compile(source, mapping: Mapping, options, comm: Collectives | None = None) -> OrtExecutable:
+def compile(source, mapping: Mapping, spec: RunSpec, comm: Collectives | None = None) -> OrtExecutable:
     from glmc.graphs import Package
 
     if not isinstance(source, Package):
         raise GlmcError("the onnxruntime backend runs compiled packages: export one with `glmc export`")
     if source.tp_size != mapping.tp_size:
         raise GlmcError(f"{source.root}: exported for TP {source.tp_size}, asked to run at TP {mapping.tp_size}")
-    if options.dtype is not None and options.dtype != source.dtype:
-        raise GlmcError(f"{source.root}: exported in {source.dtype}; --dtype {options.dtype} needs another export")
-    return OrtExecutable(source, mapping, device=options.device, threads=options.threads, comm=comm)
+    if spec.dtype is not None and spec.dtype != source.dtype:
+        raise GlmcError(f"{source.root}: exported in {source.dtype}; --dtype {spec.dtype} needs another export")
+    return OrtExecutable(source, mapping, device=spec.device, threads=spec.threads, comm=comm)

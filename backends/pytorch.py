@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from glmc.config import Mapping
 from glmc.devices import check_device
 from glmc.errors import GlmcError
 from glmc.model import GLMModel, KVCache
+from glmc.run_spec import RunSpec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -16,8 +19,9 @@ class TorchExecutable:
     """The reference model of one rank; every tensor it returns (logits, cache) is on its device,
     and inputs on any device are moved there."""
 
-    def __init__(self, model: GLMModel, *, compiled: bool = False):
+    def __init__(self, model: GLMModel, *, compiled: bool = False, threads: int | None = None):
         self.model = model
+        self.threads = threads
         self.config = model.config
         self.mapping = model.mapping
         self.device = model.word_embeddings.weight.device
@@ -31,12 +35,14 @@ class TorchExecutable:
 
     @torch.no_grad()
     def prefill(self, tokens, position_ids, attention_mask, *, last_only: bool = True):
-        out = self._forward(*self._inputs(tokens, position_ids, attention_mask), last_logits_only=last_only)
+        with intra_op_threads(self.threads):
+            out = self._forward(*self._inputs(tokens, position_ids, attention_mask), last_logits_only=last_only)
         return out.logits, out.kv_cache
 
     @torch.no_grad()
     def decode(self, tokens, position_ids, attention_mask, cache: KVCache):
-        out = self._forward(*self._inputs(tokens, position_ids, attention_mask), cache)
+        with intra_op_threads(self.threads):
+            out = self._forward(*self._inputs(tokens, position_ids, attention_mask), cache)
         return out.logits, out.kv_cache
 
     def cache_length(self, cache: KVCache) -> int:
@@ -50,21 +56,35 @@ class TorchExecutable:
         return [t for kv in cache for t in kv]
 
 
-def compile(source, mapping: Mapping, options, comm=None) -> TorchExecutable:
+@contextmanager
+def intra_op_threads(threads: int | None):
+    """torch's thread count is the process's: set it for this executable's calls only, so that one
+    model's setting does not leak into another's (or into the caller's own work)."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def compile(source, mapping: Mapping, spec: RunSpec, comm=None) -> TorchExecutable:
     from glmc.checkpoint import SatCheckpoint, load_model
     from glmc.graphs import Package
 
-    check_device(options.device)
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    dtype = DTYPES[options.dtype] if options.dtype else _default_dtype(source, options.device)
-    if isinstance(source, SatCheckpoint):
-        model = load_model(source, mapping, dtype=dtype, device=options.device, comm=comm)
-    elif isinstance(source, Package):
-        model = model_from_package(source, mapping, dtype, options.device, comm)
-    else:
-        raise GlmcError(f"the torch backend cannot run {type(source).__name__}")
-    return TorchExecutable(model, compiled=options.torch_compile)
+    check_device(spec.device)
+    dtype = DTYPES[spec.dtype] if spec.dtype else _default_dtype(source, spec.device)
+    with intra_op_threads(spec.threads):
+        if isinstance(source, SatCheckpoint):
+            model = load_model(source, mapping, dtype=dtype, device=spec.device, comm=comm)
+        elif isinstance(source, Package):
+            model = model_from_package(source, mapping, dtype, spec.device, comm)
+        else:
+            raise GlmcError(f"the torch backend cannot run {type(source).__name__}")
+    return TorchExecutable(model, compiled=spec.torch_compile, threads=spec.threads)
 
 
 def _default_dtype(source, device: str) -> torch.dtype | None:

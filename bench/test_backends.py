@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from glmc import backends
-from glmc.checkpoint import SatCheckpoint
 from glmc.config import PRESETS
-from glmc.graphs import Package
 from glmc.model import GLMModel
+from glmc.run_spec import RunSpec
 from report import Record
 
 PAST = 128
@@ -29,10 +28,9 @@ def executable(request, sources):
     preset, (name, package_kind) = request.param
     paths = sources(preset)
     if package_kind is None:
-        source = SatCheckpoint.open(paths["checkpoint"])
-        ex = backends.compile("torch", source)
+        ex = backends.open_rank(RunSpec(source=str(paths["checkpoint"]), backend="torch"))
     else:
-        ex = backends.compile("onnxruntime", Package.open(paths[package_kind]))
+        ex = backends.open_rank(RunSpec(source=str(paths[package_kind]), backend="onnxruntime"))
     weight_bytes = sum(p.numel() * p.element_size() for p in GLMModel(PRESETS[preset]).parameters())
     return preset, name, ex, weight_bytes
 

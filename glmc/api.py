@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,9 +30,10 @@ from glmc.devices import check_device
 from glmc.errors import GlmcError
 from glmc.generation.filling import Filled, Prompt, fill_blanks, prompt_from_ids, prompt_from_text
 from glmc.generation.strategies import BaseStrategy
+from glmc.run_spec import RunSpec
+from glmc.sources import EMBEDDED_DEFAULT, open_source
 from glmc.tokenizer import GLM130B_SPECIAL_TOKENS, IceTokenizer, SpecialTokens
 
-EMBEDDED_DEFAULT = Path(__file__).parent / "embedded" / "default"
 ICETK_MODEL = Path("~/.icetk_models/ice_text.model")
 
 UNDERLINE, GREEN, RESET = "\033[4m", "\x1b[0;32m", "\033[0m"
@@ -78,7 +80,8 @@ class GLM:
     """A model ready to run: an Executable, its config, command ids and (optionally) tokenizer.
 
     With tensor parallelism the other ranks run in worker processes: `close()` (or a
-    `with` block) stops them.
+    `with` block) stops them. Calls from several threads are serialised: one call runs
+    at a time, the others wait for it.
     """
 
     def __init__(self, executable, config: GLMConfig, special: SpecialTokens | None,
@@ -86,6 +89,7 @@ class GLM:
         self.executable, self.config, self.special = executable, config, special
         self.tokenizer, self.device = tokenizer, device
         self.cluster = cluster
+        self._lock = threading.RLock()
 
     def close(self, clean: bool = True) -> None:
         """Stop the other ranks; `clean=False` (an error or Ctrl-C left a step unfinished)
@@ -102,13 +106,14 @@ class GLM:
 
     @contextmanager
     def reporting(self):
-        """Failures of a multi-rank run become one GlmcError naming the rank."""
-        try:
-            yield
-        except (RuntimeError, OSError) as error:
-            if self.cluster is None:
-                raise
-            raise self.cluster.error(error) from None
+        """One call at a time; failures of a multi-rank run become one GlmcError naming the rank."""
+        with self._lock:
+            try:
+                yield
+            except (RuntimeError, OSError) as error:
+                if self.cluster is None:
+                    raise
+                raise self.cluster.error(error) from None
 
     # (a) logits ------------------------------------------------------------------------------
     def logits(self, tokens, position_ids, attention_mask, cache=None, *,
@@ -213,19 +218,6 @@ def _as_batch(values, dtype, name) -> torch.Tensor:
     return tensor
 
 
-def open_source(path: str | os.PathLike | None, config: str | GLMConfig | None = None):
-    """A compiled package (a folder with manifest.json) or a SAT checkpoint."""
-    from glmc.checkpoint import SatCheckpoint
-    from glmc.graphs import Package
-    from glmc.graphs.package import MANIFEST
-
-    root = Path(path) if path is not None else EMBEDDED_DEFAULT
-    if (root / MANIFEST).is_file() or (root / "rank0").is_dir():  # a package, whole or damaged
-        return Package.open(root)
-    model_config = from_name(config) if isinstance(config, str) else config
-    return SatCheckpoint.open(root, model_config)
-
-
 def load(
     path: str | os.PathLike | None = None,
     *,
@@ -256,30 +248,42 @@ def load(
     a rank that hangs stops the run after `collective_timeout` seconds. `spawn=False`:
     the ranks were started by torchrun, this process being rank 0.
     """
-    from glmc.graphs import Package
-
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
-    backends.backend_info(backend)
-    check_device(device, tp_size if spawn else 1)  # before anything is exported or started
-    if path is None and backend != "torch":
-        path = exported_default(Path(cache_dir) if cache_dir else DEFAULT_CACHE, dtype or "float32", tp_size=tp_size)
-    source = open_source(path, config)
-    options = backends.CompileOptions(dtype=dtype, device=device, threads=threads, torch_compile=torch_compile)
-    cluster = None
-    if tp_size > 1:
-        from glmc.runtime.launch import Cluster, RankSpec
+    spec = RunSpec(source=None if path is None else str(path), config=config if isinstance(config, str) else None,
+                   backend=backend, dtype=dtype, device=device, tp_size=tp_size, threads=threads,
+                   torch_compile=torch_compile, collective_timeout=collective_timeout)
+    return open_model(spec, tokenizer=tokenizer, tokenizer_variant=tokenizer_variant, special_tokens=special_tokens,
+                      cache_dir=cache_dir, on_failure=on_failure, spawn=spawn,
+                      model_config=config if isinstance(config, GLMConfig) else None)
 
-        if isinstance(source, Package) and source.tp_size != tp_size:
-            raise GlmcError(f"{source.root}: exported for TP {source.tp_size}, asked to run at TP {tp_size}")
-        source.config.check_mapping(Mapping(tp_size, 0))
-        spec = RankSpec(source=str(source.root), backend=backend, tp_size=tp_size, dtype=dtype, device=device,
-                        threads=threads, torch_compile=torch_compile,
-                        config=config if isinstance(config, str) else None, timeout=collective_timeout)
-        cluster = Cluster(spec, on_failure, spawn=spawn)
+
+def open_model(spec: RunSpec, *, tokenizer: str | os.PathLike | None = None, tokenizer_variant: str | None = None,
+               special_tokens: SpecialTokens | None = None, cache_dir: str | os.PathLike | None = None,
+               on_failure=None, spawn: bool = True, rendezvous=None, model_config: GLMConfig | None = None) -> GLM:
+    """The model `spec` describes, with its tokenizer: what `load`, the CLI and the server open.
+
+    Under torchrun (`spawn=False`) this process is rank 0 and meets the others at `rendezvous`.
+    """
+    from glmc.graphs import Package
+
+    backends.check_spec(spec)
+    check_device(spec.device, spec.tp_size if spawn else 1)  # before anything is exported or started
+    if spec.source is None and spec.backend != "torch":
+        cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+        spec = replace(spec, source=str(exported_default(cache, spec.dtype or "float32", tp_size=spec.tp_size)))
+    source = open_source(spec.source, model_config or spec.config)
+    cluster = None
+    if spec.tp_size > 1:
+        from glmc.runtime.launch import Cluster
+
+        if isinstance(source, Package) and source.tp_size != spec.tp_size:
+            raise GlmcError(f"{source.root}: exported for TP {source.tp_size}, asked to run at TP {spec.tp_size}")
+        source.config.check_mapping(Mapping(spec.tp_size, 0))
+        cluster = Cluster(replace(spec, source=str(source.root)), on_failure, spawn=spawn, rendezvous=rendezvous)
         executable = cluster.executable
     else:
-        executable = backends.compile(backend, source, Mapping(), options)
+        executable = backends.open_rank(spec, Mapping(), source=source)
     if isinstance(source, Package):
         tok, metadata = resolve_package_tokenizer(source, tokenizer, tokenizer_variant), source.manifest
     else:

@@ -18,6 +18,7 @@ from glmc.cli.inspect import graph_summary
 from glmc.config import Mapping
 from glmc.graphs import Package, PackageError
 from glmc.graphs.package import MANIFEST
+from glmc.run_spec import RunSpec
 from tolerances import assert_close
 
 
@@ -71,7 +72,7 @@ def test_fused_graphs_pass_the_full_checker(tiny_checkpoint, tiny_package, tmp_p
 
 
 def test_decode_graph_takes_one_token_and_an_empty_past(tiny_package, tiny_model):
-    executable = backends.compile("onnxruntime", Package.open(tiny_package))
+    executable = backends.open_rank(RunSpec(source=str(tiny_package), backend="onnxruntime"))
     tokens, positions = torch.tensor([[5]]), torch.tensor([[0]])
     logits, cache = executable.prefill(tokens, positions, torch.zeros(1, 1, 1, 1, dtype=torch.bool), last_only=False)
     with torch.no_grad():
@@ -119,10 +120,11 @@ def test_tp2_graphs_all_reduced_equal_tp1(tiny_package, tiny_package_tp2):
     mask = ~torch.ones(9, 9, dtype=torch.bool).tril()
     mask[:, :5] = False
     mask = mask[None, None].repeat(2, 1, 1, 1)
-    reference, _ = backends.compile("onnxruntime", Package.open(tiny_package)).prefill(
+    reference, _ = backends.open_rank(RunSpec(source=str(tiny_package), backend="onnxruntime")).prefill(
         tokens, positions, mask, last_only=False)
     comm = _ThreadSum(2)
-    executables = [backends.compile("onnxruntime", package, Mapping(2, r), comm=comm.rank(r)) for r in range(2)]
+    executables = [backends.open_rank(RunSpec(source=str(tiny_package_tp2), backend="onnxruntime", tp_size=2), Mapping(2, r),
+                                     comm=comm.rank(r)) for r in range(2)]
     results = [None, None]
 
     def run(rank):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -85,6 +86,27 @@ def test_a_failed_run_leaves_no_thread_behind(packages):
         model.generate(PROMPTS, BaseStrategy(top_k=1), out_seq_length=20)
     model.close()
     assert not _watchers()
+
+
+def test_a_tp2_model_serves_several_threads(packages, reference):
+    # One call at a time: threads interleaving their broadcasts would garble the other rank's commands.
+    with glmc.load(packages[2], backend="onnxruntime", tp_size=2) as model:
+        results, errors = {}, []
+
+        def work(index: int) -> None:
+            try:
+                for _ in range(3):
+                    results[index] = model.generate(PROMPTS, BaseStrategy(top_k=1), out_seq_length=20)
+            except Exception as error:  # noqa: BLE001 (reported below)
+                errors.append(error)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert not errors
+        assert all([r.token_ids for r in result] == reference["greedy"] for result in results.values())
 
 
 def test_checkpoint_is_resharded_on_the_fly(tiny_checkpoint, reference):
@@ -204,6 +226,60 @@ def test_ctrl_c_to_rank_0_alone_does_not_wait_for_the_collective_timeout(tmp_pat
     os.kill(leader.pid, signal.SIGINT)
     _finish(leader, time.monotonic(), workers)
     assert leader.returncode == 130
+
+
+def _first_child(pid: int, limit: float = 60.0) -> int:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        children = _children(pid)
+        if children:
+            return children[0]
+        time.sleep(0.01)
+    pytest.fail("no worker was started")
+
+
+def test_a_rank_stopped_while_starting_ends_the_run_and_is_named(tmp_path):
+    # Before, rank 0 waited for it in a barrier with no time limit, deaf to Ctrl-C.
+    leader = _long_run(tmp_path)
+    worker = _first_child(leader.pid)
+    os.kill(worker, signal.SIGSTOP)
+    stderr = _finish(leader, time.monotonic(), [worker])
+    assert leader.returncode == 1 and "rank 1 is stopped and does not answer" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_while_the_ranks_start_ends_every_rank_at_once(tmp_path):
+    leader = _long_run(tmp_path)
+    worker = _first_child(leader.pid)
+    os.kill(worker, signal.SIGSTOP)  # rank 0 would wait for it...
+    os.kill(leader.pid, signal.SIGINT)  # ... but Ctrl-C comes first
+    _finish(leader, time.monotonic(), [worker], limit=3.0)
+    assert leader.returncode in (130, 1)  # interrupted, or the stopped rank was reported first
+
+
+def _rank_of(pid: int) -> int | None:
+    environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
+
+
+def test_under_torchrun_a_silent_rank_is_named_after_the_timeout(tmp_path, packages):
+    # No process handles here (torchrun started the ranks): the heartbeat in the store tells.
+    leader = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "glmc",
+                               "run", "--package", str(packages[2]), "--backend", "onnxruntime", "--no-output-files",
+                               "--collective-timeout", "3", "--token-ids", "1 2 [MASK]"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, rank1 = time.monotonic() + 60, None
+    while rank1 is None and time.monotonic() < deadline:
+        rank1 = next((c for c in _children(leader.pid) if _rank_of(c) == 1), None)
+        time.sleep(0.01)
+    assert rank1 is not None
+    os.kill(rank1, signal.SIGSTOP)
+    try:
+        _, stderr = leader.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)
+    assert "rank 1 showed no sign of life for 3 s" in stderr, stderr[-2000:]
 
 
 def test_a_dead_rank_0_takes_its_workers_along(tmp_path):

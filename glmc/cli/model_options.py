@@ -5,34 +5,36 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 
 from glmc.cli.types import finite, threads
-from glmc.runtime.launch import torchrun_rank
+from glmc.errors import GlmcError
+from glmc.run_spec import RunSpec
 
 
 @dataclass(frozen=True)
 class ModelOptions:
-    checkpoint: Path | None
-    package: Path | None
-    config_name: str | None
+    """What the model options say: the run (every rank's part) and rank 0's own tokenizer and cache."""
+
+    spec: RunSpec
     tokenizer: Path | None
     tokenizer_variant: str | None
-    backend: str
-    threads: int | None
-    torch_compile: bool
     cache_dir: Path
-    tp_size: int
-    collective_timeout: float
-    dtype: str | None
-    device: str
 
     @property
-    def source(self) -> Path | None:
-        return self.checkpoint or self.package
+    def source(self) -> str | None:
+        return self.spec.source
+
+    @property
+    def backend(self) -> str:
+        return self.spec.backend
+
+    @property
+    def tp_size(self) -> int:
+        return self.spec.tp_size
 
 
 _OPTIONS = [
@@ -78,9 +80,18 @@ def model_options(command):
     """Add the model options to a click command; it receives them as one `model: ModelOptions`."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        options = ModelOptions(**{name: kwargs.pop(name) for name in _NAMES})
-        if options.checkpoint and options.package:
+        values = {name: kwargs.pop(name) for name in _NAMES}
+        if values["checkpoint"] and values["package"]:
             raise click.UsageError("give --checkpoint or --package, not both")
+        source = values["checkpoint"] or values["package"]
+        try:
+            spec = RunSpec(source=None if source is None else str(source), config=values["config_name"],
+                           backend=values["backend"], dtype=values["dtype"], device=values["device"],
+                           tp_size=values["tp_size"], threads=values["threads"],
+                           torch_compile=values["torch_compile"], collective_timeout=values["collective_timeout"])
+        except GlmcError as error:
+            raise click.UsageError(str(error).removeprefix("run spec: ")) from None
+        options = ModelOptions(spec, values["tokenizer"], values["tokenizer_variant"], values["cache_dir"])
         return command(*args, model=options, **kwargs)
 
     for option in reversed(_OPTIONS):
@@ -91,20 +102,19 @@ def model_options(command):
 def open_model(options: ModelOptions):
     """The model of these options (a glmc.GLM), or None in a torchrun rank other than 0, which then
     serves rank 0 until it stops."""
-    import glmc
+    from glmc.api import open_model as open_glm
+    from glmc.runtime.launch import torchrun_rank
 
+    spec, rendezvous = options.spec, None
     joined = torchrun_rank()
-    tp_size = options.tp_size
     if joined is not None:
-        rank, tp_size, local_rank = joined
+        rank, tp_size, local_rank, rendezvous = joined
+        spec = replace(spec, tp_size=tp_size)
         if rank > 0:
-            _serve_torchrun_rank(rank, tp_size, local_rank, options)
+            _serve_torchrun_rank(rank, local_rank, rendezvous, spec, options.cache_dir)
             return None
-    return glmc.load(options.source, backend=options.backend, dtype=options.dtype, device=options.device,
-                     config=options.config_name, tokenizer=options.tokenizer,
-                     tokenizer_variant=options.tokenizer_variant, threads=options.threads,
-                     torch_compile=options.torch_compile, cache_dir=options.cache_dir, tp_size=tp_size,
-                     collective_timeout=options.collective_timeout, on_failure=_abort, spawn=joined is None)
+    return open_glm(spec, tokenizer=options.tokenizer, tokenizer_variant=options.tokenizer_variant,
+                    cache_dir=options.cache_dir, on_failure=_abort, spawn=joined is None, rendezvous=rendezvous)
 
 
 def _abort(message: str) -> None:
@@ -113,21 +123,15 @@ def _abort(message: str) -> None:
     os._exit(1)
 
 
-def _serve_torchrun_rank(rank: int, tp_size: int, local_rank: int, options: ModelOptions) -> None:
-    from glmc.api import EMBEDDED_DEFAULT, exported_default
-    from glmc.devices import parse_device
-    from glmc.runtime.launch import RankSpec, run_worker
+def _serve_torchrun_rank(rank: int, local_rank: int, rendezvous, spec: RunSpec, cache_dir: Path) -> None:
+    from glmc.api import exported_default
+    from glmc.runtime.launch import run_worker
+    from glmc.sources import EMBEDDED_DEFAULT
 
-    parse_device(options.device)  # each machine has its own GPUs: only the name is checked here
-
-    source = options.source
-    if source is None:  # the embedded model; rank 0 exports it for package backends, the others wait
-        source = EMBEDDED_DEFAULT if options.backend == "torch" else exported_default(
-            options.cache_dir, options.dtype or "float32", tp_size=tp_size, wait_seconds=600)
-    spec = RankSpec(source=str(source), backend=options.backend, tp_size=tp_size, dtype=options.dtype,
-                    device=options.device, threads=options.threads, torch_compile=options.torch_compile,
-                    config=options.config_name, timeout=options.collective_timeout)
-    code = run_worker(rank, spec, init_method="env://", local_rank=local_rank)
+    if spec.source is None:  # the embedded model; rank 0 exports it for package backends, the others wait
+        source = EMBEDDED_DEFAULT if spec.backend == "torch" else exported_default(
+            cache_dir, spec.dtype or "float32", tp_size=spec.tp_size, wait_seconds=600)
+        spec = replace(spec, source=str(source))
+    code = run_worker(rank, spec, rendezvous, local_rank=local_rank, spawned=False)
     if code:
         sys.exit(code)
-

@@ -15,6 +15,7 @@ rank that dies or hangs stops the others within it.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -41,10 +42,14 @@ def _host(t: torch.Tensor) -> np.ndarray:
 
 
 class LeaderExecutable:
-    """Rank 0's executable: broadcasts each call, then runs its own share of it."""
+    """Rank 0's executable: broadcasts each call, then runs its own share of it.
+
+    One call at a time: two threads interleaving their broadcasts and collectives would
+    pair one thread's command with another's tensors on the other ranks."""
 
     def __init__(self, local, command_group):
         self.local, self.group = local, command_group
+        self._lock = threading.Lock()
         self.config = local.config
         self.mapping = local.mapping
         self.device, self.dtype = local.device, local.dtype
@@ -68,21 +73,24 @@ class LeaderExecutable:
         return handle
 
     def prefill(self, tokens, position_ids, attention_mask, *, last_only: bool = True):
-        handle_id = next(self._ids)
-        self._send(PREFILL, handle_id, _host(tokens), _host(position_ids), _host(attention_mask), last_only)
-        logits, cache = self.local.prefill(tokens, position_ids, attention_mask, last_only=last_only)
-        return logits, self._handle(handle_id, cache)
+        with self._lock:
+            handle_id = next(self._ids)
+            self._send(PREFILL, handle_id, _host(tokens), _host(position_ids), _host(attention_mask), last_only)
+            logits, cache = self.local.prefill(tokens, position_ids, attention_mask, last_only=last_only)
+            return logits, self._handle(handle_id, cache)
 
     def decode(self, tokens, position_ids, attention_mask, cache: CacheHandle):
-        handle_id = next(self._ids)
-        self._send(DECODE, handle_id, cache.id, _host(tokens), _host(position_ids), _host(attention_mask))
-        logits, local = self.local.decode(tokens, position_ids, attention_mask, cache.local)
-        return logits, self._handle(handle_id, local)
+        with self._lock:
+            handle_id = next(self._ids)
+            self._send(DECODE, handle_id, cache.id, _host(tokens), _host(position_ids), _host(attention_mask))
+            logits, local = self.local.decode(tokens, position_ids, attention_mask, cache.local)
+            return logits, self._handle(handle_id, local)
 
     def reorder_cache(self, cache: CacheHandle, index: torch.Tensor) -> CacheHandle:
-        handle_id = next(self._ids)
-        self._send(REORDER, handle_id, cache.id, _host(index))
-        return self._handle(handle_id, self.local.reorder_cache(cache.local, index))
+        with self._lock:
+            handle_id = next(self._ids)
+            self._send(REORDER, handle_id, cache.id, _host(index))
+            return self._handle(handle_id, self.local.reorder_cache(cache.local, index))
 
     def cache_length(self, cache: CacheHandle) -> int:
         return self.local.cache_length(cache.local)
@@ -91,7 +99,8 @@ class LeaderExecutable:
         return self.local.cache_tensors(cache.local)
 
     def stop(self) -> None:
-        self._send(STOP)
+        with self._lock:
+            self._send(STOP)
 
 
 def serve(executable, command_group) -> None:

@@ -1,8 +1,10 @@
-"""Entry point of a worker process: `python -m glmc.runtime.worker RANK SPEC_JSON`."""
+"""Entry point of a spawned worker process: `python -m glmc.runtime.worker RANK SPEC_JSON ADDRESS PORT`."""
 
 import sys
 
-from glmc.runtime.launch import RankSpec, run_worker
+from glmc.run_spec import RunSpec
+from glmc.runtime.launch import Rendezvous, run_worker
 
 if __name__ == "__main__":
-    sys.exit(run_worker(int(sys.argv[1]), RankSpec.from_json(sys.argv[2])))
+    rank, spec, address, port = sys.argv[1:5]
+    sys.exit(run_worker(int(rank), RunSpec.from_json(spec), Rendezvous(address, int(port))))
