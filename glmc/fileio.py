@@ -6,7 +6,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,12 +19,16 @@ from glmc.errors import GlmcError
 
 @contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `target`; on success it replaces `target` in one rename."""
+    """Yield a temporary sibling of `target`; on success it replaces `target` in one rename.
+
+    The sibling's name records its writer (`.NAME.partial-PID@HOST+...`), so that one left by
+    a killed writer is removed by the next writer of `target`; never one whose process runs."""
     target = Path(target)
     if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
         raise GlmcError(f"{target}: already exists (choose another path or pass --force)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    remove_stale_temporaries(target.parent, target.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{_writer_tag()}+", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
@@ -38,6 +44,67 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# Temporaries are named `.NAME.partial-PID@HOST+RANDOM` (folders) and `.NAME.tmp-PID@HOST` (files).
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:partial|tmp)-(?P<pid>[0-9]{1,10})@(?P<host>[A-Za-z0-9.-]+)(?:\+.*)?$",
+                        re.S)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64] or "localhost"
+
+
+def _writer_tag() -> str:
+    return f"{os.getpid()}@{_host()}"
+
+
+def temporary_sibling(path: Path) -> Path:
+    """Where to write `path` before renaming it into place (`.NAME.tmp-PID@HOST`); stale ones of
+    writers that are gone are removed first."""
+    path = Path(path)
+    remove_stale_temporaries(path.parent, path.name)
+    return path.with_name(f".{path.name}.tmp-{_writer_tag()}")
+
+
+def temporary_writer(entry_name: str) -> tuple[int, str] | None:
+    """(pid, host) of the writer a temporary's name records, or None for any other name."""
+    match = _TEMPORARY.match(entry_name)
+    return (int(match["pid"]), match["host"]) if match else None
+
+
+def writer_alive(pid: int, host: str) -> bool:
+    """Whether the process `pid` on `host` may still run (another host's: assumed to)."""
+    if host != _host():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or a number no process has: leave it
+    return True
+
+
+def remove_stale_temporaries(folder: Path, name: str | None = None) -> None:
+    """Remove the temporaries in `folder` (of `name` only, if given) whose writer is gone."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if not match or (name is not None and match["name"] != name):
+            continue
+        if writer_alive(int(match["pid"]), match["host"]):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            pass  # removed meanwhile by another writer, or not ours to remove: harmless
 
 
 def read_text(path: Path, error: type[GlmcError] = GlmcError, label: str = "",
@@ -118,9 +185,14 @@ def finite_number(value: Any) -> bool:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
