@@ -179,6 +179,104 @@ def read_json(path: Path, error: type[GlmcError] = GlmcError, *, max_bytes: int 
     return parse_json(read_text(path, error, label, max_bytes), f"{label}{path}", error)
 
 
+MAX_YAML_NODES = 100_000  # values a YAML file may hold with its aliases expanded
+
+
+def parse_yaml(text: str, source: str, error: type[GlmcError] = GlmcError, *, max_depth: int = MAX_JSON_DEPTH,
+               max_nodes: int = MAX_YAML_NODES) -> Any:
+    """Safe YAML (plain data, no tags that build objects) as strictly as `parse_json` reads JSON:
+    a key given twice in a mapping, nesting deeper than `max_depth`, or aliases expanding to
+    more than `max_nodes` values ("billion laughs": a few lines that expand to gigabytes) is
+    one `error` naming `source` and the line."""
+    import yaml
+
+    def fail(problem: str, mark) -> GlmcError:
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return error(f"{source}: not valid YAML{where}: {problem}")
+
+    class Loader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            self.depth += 1
+            try:
+                if self.depth > max_depth:
+                    raise fail(f"nested deeper than {max_depth} levels", self.peek_event().start_mark)
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        duplicate = key in seen
+                        seen.add(key)
+                    except TypeError:
+                        continue  # an unhashable key: SafeLoader reports it
+                    if duplicate:
+                        raise fail(f"the key {_cut(repr(key))} is given twice", key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    loader = Loader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        _count_yaml_nodes(root, max_nodes, max_depth, fail)
+        return loader.construct_document(root)
+    except yaml.YAMLError as problem:
+        mark = getattr(problem, "problem_mark", None)
+        detail = getattr(problem, "problem", None) or str(problem).splitlines()[0]
+        raise fail(_cut(detail), mark) from None
+    except RecursionError:
+        raise error(f"{source}: not valid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _count_yaml_nodes(root, limit: int, max_depth: int, fail) -> None:
+    """Count the values (and the depth) of a composed YAML document with every alias expanded,
+    without expanding it: a node reached through several aliases counts once per path, its size
+    computed once."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        children = ([child for pair in node.value for child in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        if finished:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in children)
+            depths[key] = 1 + max((depths[id(child)] for child in children), default=0)
+            if sizes[key] > limit:
+                raise fail(f"more than {limit:,} values once its aliases are expanded", node.start_mark)
+            if depths[key] > max_depth + 1:  # + 1: scalars count as a level here
+                raise fail(f"nested deeper than {max_depth} levels once its aliases are expanded",
+                           node.start_mark)
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise fail("an alias refers to a value that contains it", node.start_mark)
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in sizes)
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def finite_number(value: Any) -> bool:
     """An int or a finite float (bool excluded: JSON's true is not a number)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
