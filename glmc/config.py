@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from glmc.errors import GlmcError
+
+
+# Absolute limits of each integer field: far beyond any GLM (GLM-130B: 70 layers, hidden 12,288,
+# 96 heads, GeGLU 32,768, vocabulary 150,528, 2,048 positions), near enough that no size computed
+# from them overflows and no loop over them runs for long. Positions stop at 65,504, the largest
+# the fp16 position column of SAT's rotary table holds (beyond it the angles are infinite).
+INT_FIELD_BOUNDS: dict[str, tuple[int, int]] = {
+    "num_layers": (1, 4096),
+    "hidden_size": (2, 1 << 17),
+    "num_attention_heads": (1, 1 << 13),
+    "inner_hidden_size": (1, 1 << 20),
+    "vocab_size": (1, 1 << 24),
+    "max_sequence_length": (1, 65504),
+    "rotary_base": (2, 1 << 31),
+}
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value as JSON writes it (null, true, "3"), cut to `limit` characters for messages."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -24,10 +49,18 @@ class GLMConfig:
     rotary_base: int = 10000  # RoPE base over the full head dim
 
     def __post_init__(self) -> None:
-        for field in ("num_layers", "hidden_size", "num_attention_heads", "inner_hidden_size",
-                      "vocab_size", "max_sequence_length"):
-            if getattr(self, field) <= 0:
-                raise GlmcError(f"config: {field} must be positive, got {getattr(self, field)}")
+        # Packages and checkpoints build configs from JSON: every field is checked here, type
+        # included (JSON's true is not 1, 3.0 is not 3), so a hostile file fails in one line.
+        for field, (low, high) in INT_FIELD_BOUNDS.items():
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise GlmcError(f"config: {field} must be an integer, got {_shown(value)}")
+            if not low <= value <= high:
+                raise GlmcError(f"config: {field} must lie in [{low}, {high:,}], got {value:,}")
+        epsilon = self.layernorm_epsilon
+        if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not 0 < epsilon <= 1:
+            raise GlmcError(f"config: layernorm_epsilon must be a number in (0, 1], got {_shown(epsilon)}")
+        object.__setattr__(self, "layernorm_epsilon", float(epsilon))
         if self.hidden_size % self.num_attention_heads:
             raise GlmcError(f"config: hidden_size {self.hidden_size} is not a multiple of "
                             f"num_attention_heads {self.num_attention_heads}")
@@ -61,11 +94,17 @@ class GLMConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "GLMConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+    def from_dict(cls, values: Any) -> "GLMConfig":
+        if not isinstance(values, dict):
+            raise GlmcError(f"config: expected an object of fields, got {type(values).__name__}")
+        fields = dataclasses.fields(cls)
+        names = {f.name for f in fields}
+        unknown = sorted(map(str, set(values) - names))
         if unknown:
-            raise GlmcError(f"config: unknown field(s) {', '.join(unknown)}")
+            raise GlmcError(f"config: unknown field(s) {_shown(', '.join(unknown))}")
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in values]
+        if missing:
+            raise GlmcError(f"config: missing {', '.join(missing)}")
         return cls(**values)
 
 

@@ -255,8 +255,9 @@ class _RunsCode:
 def test_pickle_that_runs_code_is_refused(tiny_checkpoint, tmp_path):
     path = copy_ckpt(tiny_checkpoint, tmp_path / "c")
     marker = tmp_path / "pwned"
-    torch.save({"module": {"transformer.word_embeddings.weight": torch.zeros(2)}, "x": _RunsCode(str(marker))},
-               path / "1000/mp_rank_00_model_states.pt")
+    f = path / "1000/mp_rank_00_model_states.pt"
+    # The real weights (the file is as large as the config needs) with a payload beside them.
+    torch.save({"module": torch.load(f, weights_only=True)["module"], "x": _RunsCode(str(marker))}, f)
     with pytest.raises(CheckpointError, match="refused to load: the pickle holds more than tensors"):
         SatCheckpoint.open(path)
     assert not marker.exists()
@@ -349,7 +350,7 @@ def test_convert_peak_memory_stays_near_one_target_rank(tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    ("{not json", "not a readable JSON file"),
+    ("{not json", "not valid JSON"),
     ('{"num_layers": 3}', "missing hidden_size"),
     ('{"num_layers": 3, "hidden_size": 64, "num_attention_heads": 8, "vocab_size": 1024, '
      '"max_sequence_length": 128, "layernorm_order": "pre"}', "post-LayerNorm"),

@@ -114,3 +114,43 @@ def test_sat03_variant_matches_glm130b_tokenizer():
     for case in goldens()["cases"]:
         assert tok.tokenize(case["text"]) == case["sat03_encode"], repr(case["text"])
         assert tok.decode_text(case["sat03_encode"]) == case["sat03_decode"], repr(case["text"])
+
+
+# --- SAT >= 0.3's detokenize, and text that is not Unicode -------------------------------------
+
+def test_sat03_detokenize_prints_its_whitespace_commands():
+    # SAT >= 0.3's _IceTokenizer registers `<t>` and `<blank_2>`..`<blank_80>` as commands after the
+    # eight (150008..150087 in GLM-130B's layout) and prints each as `[name]`.
+    tok = IceTokenizer(MODEL, text_offset=20000, command_base=150000, variant="sat-0.3")
+    hello = tok.tokenize("Hello world")
+    assert tok.detokenize([150008, 150009, 150087]) == "[<t>][<blank_2>][<blank_80>]"
+    assert tok.detokenize(hello + [150008] + hello + [150004]) == "Hello world[<t>]Hello world[sop]"
+    assert tok.detokenize([150088]) == "<unused_150088>"  # past the last one
+    # With the commands right after the text pieces (GLM-130B: 130,000 pieces, commands at 150000),
+    # the appended `<|tab|>` and blank pieces take exactly those ids, so SAT prints them as commands.
+    compact = IceTokenizer(MODEL, text_offset=20000, variant="sat-0.3")
+    ids = compact.tokenize("a\tb  c")
+    assert compact.special.mask + 8 in ids and compact.special.mask + 9 in ids
+    assert compact.detokenize(ids) == "a[<t>]b[<blank_2>]c"
+    assert compact.decode_text(ids) == "a\tb  c"  # the pieces themselves decode to whitespace
+    assert tok.detokenize(tok.tokenize("a\tb")) == "a\tb"  # elsewhere they are text
+    icetk = IceTokenizer(MODEL, text_offset=20000, command_base=150000)  # SAT 0.2.12 has no such commands
+    assert icetk.detokenize([150008]) == "<unused_150008>"
+
+
+@pytest.mark.parametrize("variant", ["icetk", "sat-0.3"])
+def test_text_that_is_not_unicode_is_one_error(variant):
+    tok = IceTokenizer(MODEL, text_offset=20000, variant=variant)
+    with pytest.raises(GlmcError, match=r"U\+D800 at character 1, a lone surrogate"):
+        tok.tokenize("x\ud800y")
+    # What Python makes of a command-line argument that is not UTF-8.
+    with pytest.raises(GlmcError, match=r"U\+DCFF at character 3"):
+        tok.tokenize(b"caf\xff".decode("utf-8", "surrogateescape"))
+
+
+def test_nul_is_text_as_icetk_reads_it(icetk_layout, raw_sp):
+    # icetk's model has no piece for NUL: it is read as <unk> (piece 0), as icetk itself reads it.
+    ids = icetk_layout.tokenize("a\x00b")
+    assert ids == [i + 20000 for i in raw_sp.EncodeAsIds("a\x00b")] and 20000 + raw_sp.unk_id() in ids
+    sat = IceTokenizer(MODEL, text_offset=20000, variant="sat-0.3")
+    assert sat.decode_text(sat.tokenize("a\x00b")) == "a\x00b"  # byte fallback: the piece <0x00>

@@ -128,6 +128,19 @@ def expected_parameters(config: GLMConfig, mapping: Mapping,
     return expected
 
 
+def min_rank_bytes(config: GLMConfig, tp_size: int) -> int:
+    """A lower bound of the bytes one rank's weights take in any layout glmc reads, in O(1).
+
+    The four matrices of each layer count at half a byte per entry (packed int4), every
+    other parameter at two (fp16 or bf16); scales and file overhead only add to it. Sums
+    the shapes of `expected_parameters` without listing them (a config may claim 10^8 layers).
+    """
+    h, i, v, t = config.hidden_size, config.inner_hidden_size, config.vocab_size, tp_size
+    matrices = (3 * h // t) * h + h * (h // t) + (2 * i // t) * h + h * (i // t)
+    vectors = 6 * h + 3 * h // t + 2 * i // t  # layernorms, biases
+    return config.num_layers * (matrices // 2 + 2 * vectors) + 2 * ((v // t) * h + 2 * h)
+
+
 @dataclass(frozen=True)
 class Copy:
     """Copy `length` entries along `dim` from source rank `src_rank` at `src_start` to `dst_start`."""

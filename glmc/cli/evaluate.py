@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from datetime import datetime
 from pathlib import Path
@@ -99,7 +100,7 @@ def evaluate(tasks, data_path, model, micro_batch_size, output, modules, as_json
     _write_json(path, document)
     click.echo(f"glmc: results written to {path}", err=True)
     if as_json:
-        click.echo(json.dumps(document, indent=2, ensure_ascii=False))
+        click.echo(_dumps(document))
 
 
 class _Console:
@@ -125,20 +126,39 @@ class _Console:
 def _report_group(say, group: str, stats: dict) -> None:
     if len(stats) == 1:
         name, s = next(iter(stats.items()))
-        say(f"  Group {group} {name}: max = {s['max']:.3f}, median = {s['median']:.3f}, "
-            f"average = {s['average']:.3f}")
+        say(f"  Group {group} {name}: max = {_number(s['max'])}, median = {_number(s['median'])}, "
+            f"average = {_number(s['average'])}")
         return
     say(f"  Group {group}:")
     for name, s in stats.items():
-        say(f"      Metric {name}: max = {s['max']:.3f}, median = {s['median']:.3f}, average = {s['average']:.3f}")
+        say(f"      Metric {name}: max = {_number(s['max'])}, median = {_number(s['median'])}, "
+            f"average = {_number(s['average'])}")
 
 
 def _number(value) -> str:
-    return f"{value:.3f}" if isinstance(value, (int, float)) else json.dumps(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:.3f}"
+    return json.dumps(_strict(value), ensure_ascii=False)[:200]
+
+
+def _strict(value):
+    """`value` with every NaN or infinity replaced by null: strict JSON parsers refuse them, so
+    the results file never holds one (a metric may still compute one, e.g. a custom metric)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    return value
+
+
+def _dumps(document: dict) -> str:
+    return json.dumps(_strict(document), indent=2, ensure_ascii=False, allow_nan=False)
 
 
 def _write_json(path: Path, document: dict) -> None:
     from glmc.fileio import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(path, _dumps(document) + "\n")

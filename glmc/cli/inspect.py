@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from glmc.cli import cli
+from glmc.errors import GlmcError
 
 FUSED_OPS = ("Attention", "RotaryEmbedding", "GeGLU", "AllReduce")
 
@@ -17,35 +18,46 @@ FUSED_OPS = ("Attention", "RotaryEmbedding", "GeGLU", "AllReduce")
 @click.argument("path", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--config", "config_name", metavar="NAME",
               help="Model preset for a checkpoint without model_config.json.")
-@click.option("--verify-weights", is_flag=True,
-              help="For a package, also check the sha256 of the weight files (reads every byte).")
+@click.option("--verify", is_flag=True,
+              help="Also check every byte: a checkpoint's zip records against their CRC-32 and its weights "
+                   "for NaN and infinity (one shard at a time, streamed); a package's files against their "
+                   "sha256.")
+@click.option("--verify-weights", "verify_weights", is_flag=True, hidden=True)  # the earlier name of --verify
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
-def inspect(path, config_name, verify_weights, as_json):
+@click.option("--progress/--no-progress", default=True, help="With --verify, a line on stderr per shard.")
+def inspect(path, config_name, verify, verify_weights, as_json, progress):
     """Check PATH and describe it.
 
     A SAT checkpoint: every shard's keys, shapes and dtypes, one TP layout. A
     package: every file against the manifest, then per graph the op histogram,
-    the fused-op counts, the softmax precisions and the weight bytes.
+    the fused-op counts, the softmax precisions and the weight bytes. With
+    --verify, weights that are NaN or infinite are reported (the first tensor and
+    its count) and the command exits with status 1 after the description.
     """
     from glmc.graphs.package import MANIFEST
 
+    verify = verify or verify_weights
     if (path / MANIFEST).is_file() or (path / "rank0").is_dir():
-        info = _package(path, verify_weights)
+        info = _package(path, verify)
     else:
-        info = _checkpoint(path, config_name)
+        info = _checkpoint(path, config_name, verify, progress)
     if as_json:
         click.echo(json.dumps(info, ensure_ascii=False))
     else:
         click.echo(_text(info))
+    problem = _non_finite_problem(info)
+    if problem:
+        raise GlmcError(problem)
 
 
-def _checkpoint(path: Path, config_name: str | None) -> dict:
+def _checkpoint(path: Path, config_name: str | None, verify: bool, progress: bool) -> dict:
     from glmc.checkpoint import SatCheckpoint
+    from glmc.checkpoint.verify import verify_shard
     from glmc.config import from_name
 
     ckpt = SatCheckpoint.open(path, from_name(config_name) if config_name else None)
-    shards = [ckpt.shard_path(r) for r in range(ckpt.tp_size)]
-    return {
+    shards = ckpt.shard_paths()
+    info = {
         "kind": "checkpoint", "path": str(ckpt.root), "iteration": ckpt.iteration, "tp_size": ckpt.tp_size,
         "dtype": str(ckpt.info.float_dtype).removeprefix("torch."),
         "quantization_bits": ckpt.info.quantization_bits, "config": ckpt.config.to_dict(),
@@ -53,6 +65,39 @@ def _checkpoint(path: Path, config_name: str | None) -> dict:
         "shards": [{"file": str(s), "bytes": s.stat().st_size} for s in shards],
         "glmc": ckpt.metadata,
     }
+    if verify:
+        for number, (shard, entry) in enumerate(zip(shards, info["shards"]), 1):
+            if progress:
+                click.echo(f"glmc: verifying {shard} ({number}/{len(shards)}, {entry['bytes'] / 2**20:,.1f} MiB)",
+                           err=True)
+            entry["verify"] = verify_shard(shard).to_dict()
+    return info
+
+
+def _non_finite_problem(info: dict) -> str | None:
+    """The one-line error for NaN or infinite weights found by --verify, if any."""
+    found = [(s["file"], bad) for s in info.get("shards", []) for bad in s.get("verify", {}).get("non_finite", [])]
+    if not found:
+        return None
+    file, first = found[0]
+    more = f"; {len(found)} tensors in all" if len(found) > 1 else ""
+    return f"{file}: {first['name']} holds {first['count']:,} NaN or infinite values{more}"
+
+
+def _verification(v: dict) -> str:
+    if v["records"] is None:
+        crc = "no zip records (a legacy shard: no CRC to check)"
+    else:
+        crc = f"{v['records']} zip records match their CRC-32"
+        if v["records_without_crc"]:
+            crc += f", {v['records_without_crc']} written without one"
+    if v["non_finite"]:
+        first = v["non_finite"][0]
+        weights = (f"NaN or infinite values in {len(v['non_finite'])} of {v['tensors']} tensors, first "
+                   f"{first['name']} ({first['count']:,})")
+    else:
+        weights = f"{v['tensors']} weight tensors finite"
+    return f"{crc}; {weights}"
 
 
 def graph_summary(path: Path) -> dict:
@@ -71,10 +116,10 @@ def graph_summary(path: Path) -> dict:
     }
 
 
-def _package(path: Path, verify_weights: bool) -> dict:
+def _package(path: Path, verify: bool) -> dict:
     from glmc.graphs import Package
 
-    package = Package.open(path, verify="full" if verify_weights else "sizes")
+    package = Package.open(path, verify="full" if verify else "sizes")
     ranks = []
     for rank, entry in enumerate(package.manifest["ranks"]):
         ranks.append({
@@ -85,7 +130,8 @@ def _package(path: Path, verify_weights: bool) -> dict:
     manifest = package.manifest
     return {"kind": "package", "path": str(package.root), "tp_size": package.tp_size, "dtype": package.dtype,
             "target": package.target, "config": manifest["config"], "source": manifest["source"],
-            "passes": manifest["passes"], "ranks": ranks, "glmc_version": manifest["glmc_version"]}
+            "passes": manifest["passes"], "ranks": ranks, "glmc_version": manifest["glmc_version"],
+            "verified": "sha256 of every file" if verify else "sizes of every file, sha256 of the graphs"}
 
 
 def _text(info: dict) -> str:
@@ -97,13 +143,17 @@ def _text(info: dict) -> str:
         lines = [f"{info['path']}: valid SAT checkpoint, iteration {info['iteration']}",
                  f"  model   {model}",
                  f"  weights {info['parameters']:,} parameters, {info['dtype']}, {bits}, TP {info['tp_size']}"]
-        lines += [f"  {s['file']}  {s['bytes'] / 2**20:.1f} MiB" for s in info["shards"]]
+        for s in info["shards"]:
+            lines.append(f"  {s['file']}  {s['bytes'] / 2**20:.1f} MiB")
+            if "verify" in s:
+                lines.append(f"    verified: {_verification(s['verify'])}")
         return "\n".join(lines)
     lines = [f"{info['path']}: valid glmc package (glmc {info['glmc_version']}), TP {info['tp_size']}, "
              f"{info['dtype']}, target {info['target']}",
              f"  model   {model}",
              f"  source  {info['source']['checkpoint']} (iteration {info['source']['iteration']}, "
-             f"TP {info['source']['tp_size']})"]
+             f"TP {info['source']['tp_size']})",
+             f"  checked {info['verified']}"]
     for rank in info["ranks"]:
         lines.append(f"  rank {rank['rank']}: weights {rank['weight_bytes'] / 2**20:.1f} MiB")
         for kind, graph in rank["graphs"].items():

@@ -24,12 +24,13 @@ from glmc.cli.types import SEED, finite
 @click.option("--seq-len", type=click.IntRange(min=16), default=256, help="Tokens per sample, blanks included.")
 @click.option("--lr", type=finite(0, min_open=True), default=1e-3, help="Peak learning rate (AdamW, warmup then cosine decay).")
 @click.option("--warmup-steps", type=click.IntRange(min=1), help="Default: 2% of the steps.", show_default=False)
-@click.option("--embedding-grad-scale", type=finite(0), default=0.1, help="GLM-130B's embedding gradient shrink.")
+@click.option("--embedding-grad-scale", type=finite(0, 1), default=0.1,
+              help="GLM-130B's embedding gradient shrink: 0 freezes the embedding, 1 leaves its gradient whole.")
 @click.option("--seed", type=SEED, default=1234, help="Seed of the initialisation and of the data order.")
 @click.option("--save-interval", type=click.IntRange(min=0), default=0,
               help="Steps between checkpoints (0: only at the end).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="SAT checkpoint folder to write (and to resume from).")
+              help="SAT checkpoint folder to write (and to resume from); made at the first save.")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
 @click.option("--device", default="auto", help="cpu, cuda, or auto (CUDA when present).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")

@@ -15,10 +15,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from glmc.errors import GlmcError
-from glmc.fileio import read_text
+from glmc.fileio import parse_yaml, read_text
 
 
 class TaskType(Enum):
@@ -101,7 +99,7 @@ class GenerationTaskConfig(TaskConfig):
         super().__post_init__()
         if self.sampling_strategy not in ("BaseStrategy", "BeamSearchStrategy"):
             raise ValueError(f"sampling_strategy must be BaseStrategy or BeamSearchStrategy, "
-                             f"got {self.sampling_strategy!r}")
+                             f"got {shown(self.sampling_strategy)}")
         if self.num_beams < 1 or self.max_gen_length < 1 or self.min_gen_length < 0 or self.no_repeat_ngram_size < 0:
             raise ValueError("num_beams and max_gen_length must be at least 1, min_gen_length and "
                              "no_repeat_ngram_size at least 0")
@@ -130,18 +128,22 @@ CONFIG_CLASSES: dict[TaskType, type[TaskConfig]] = {
 }
 
 
+MAX_TASK_FILE_BYTES = 1 << 20  # GLM-130B's task files are a few hundred bytes
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
-    text = read_text(path, TaskConfigError)
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise TaskConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    """A task file: bounded in size, no key twice, nesting and aliases bounded (see `parse_yaml`)."""
+    text = read_text(path, TaskConfigError, max_bytes=MAX_TASK_FILE_BYTES)
+    raw = parse_yaml(text, str(path), TaskConfigError)
     if not isinstance(raw, dict):
         raise TaskConfigError(f"{path}: a task file must be a mapping of fields (name, type, path, ...)")
     return raw
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """repr of a value read from a file, cut to `limit` characters for a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def task_type(raw: dict[str, Any], source: str) -> TaskType:
@@ -162,7 +164,8 @@ def _normalized(raw: dict[str, Any], cls: type[TaskConfig], source: str) -> tupl
     for key, value in raw.items():
         name = field_name(key)
         if name in values:
-            raise TaskConfigError(f"{source}: the field '{name}' is given twice (dash and underscore spelling)")
+            raise TaskConfigError(f"{source}: the field '{shown(name)[1:-1]}' is given twice (dash and underscore "
+                                  "spelling)")
         if name in known:
             values[name] = value
         else:
@@ -173,13 +176,13 @@ def _normalized(raw: dict[str, Any], cls: type[TaskConfig], source: str) -> tupl
 def _convert(name: str, value: Any, source: str) -> Any:
     """Check and convert one YAML value to the field's type."""
     def bad(expected: str) -> TaskConfigError:
-        return TaskConfigError(f"{source}: field '{name}' must be {expected}, got {value!r}")
+        return TaskConfigError(f"{source}: field '{name}' must be {expected}, got {shown(value)}")
 
     if name == "type":
         try:
             return TaskType(value)
         except ValueError:
-            raise TaskConfigError(f"{source}: unknown task type {value!r}: choose from "
+            raise TaskConfigError(f"{source}: unknown task type {shown(value)}: choose from "
                                   f"{', '.join(repr(t.value) for t in TaskType)}") from None
     if name in ("name", "path", "sampling_strategy"):
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

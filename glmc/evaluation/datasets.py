@@ -8,14 +8,13 @@ file. Every problem names the file and, for JSON lines, the line.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from glmc.errors import GlmcError
-from glmc.fileio import read_text
-from glmc.evaluation.config import GenerationTaskConfig, LanguageModelTaskConfig, MultiChoiceTaskConfig
+from glmc.fileio import parse_json, read_text
+from glmc.evaluation.config import GenerationTaskConfig, LanguageModelTaskConfig, MultiChoiceTaskConfig, shown
 from glmc.evaluation.samples import (
     GenerationSample,
     LanguageModelSample,
@@ -46,28 +45,38 @@ class Vocabulary:
         return self.detokenize(ids) if self.detokenize is not None else " ".join(map(str, ids))
 
 
+MAX_LINE_BYTES = 16 << 20  # one JSON line: an item, never megabytes of it
+MAX_DOCUMENT_BYTES = 256 << 20  # a language-modelling document is tokenized whole (WikiText-103's test: 1.3 MB)
+
+
 def json_lines(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, item) per non-blank line, `where` being "FILE:LINE"."""
+    """(where, item) per non-blank line, `where` being "FILE:LINE"; a file without items is an error.
+
+    Lines are parsed strictly (`parse_json`: no NaN, no key twice, nesting bounded) and each is
+    read bounded, so one endless line cannot exhaust memory."""
     try:
         file = path.open(encoding="utf-8")
     except OSError as error:
         raise DataError(f"{path}: {error.strerror or error}") from None
     with file:
-        number = 0
+        number, items = 0, 0
         try:
-            for number, line in enumerate(file, 1):
+            while line := file.readline(MAX_LINE_BYTES + 1):
+                number += 1
+                if len(line) > MAX_LINE_BYTES:
+                    raise DataError(f"{path}:{number}: a line longer than {MAX_LINE_BYTES:,} characters")
                 if not line.strip():
                     continue
                 where = f"{path}:{number}"
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{where}: not valid JSON ({error.msg}, column {error.colno})") from None
+                item = parse_json(line, where, DataError)
                 if not isinstance(item, dict):
                     raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
+                items += 1
                 yield where, item
         except UnicodeDecodeError:
             raise DataError(f"{path}:{number + 1}: not UTF-8 text") from None
+    if not items:
+        raise DataError(f"{path}: no items (the file is empty; a data file holds one JSON object per line)")
 
 
 def tokenized(item: dict, key: str, vocab: Vocabulary, where: str) -> list:
@@ -90,13 +99,14 @@ def tokenized(item: dict, key: str, vocab: Vocabulary, where: str) -> list:
         raise DataError(f"{where}: '{raw_key}' is text but the model has no tokenizer (pass --tokenizer, "
                         f"or give '{key}' as token ids)")
     raw = item[raw_key]
-    if isinstance(raw, list):
-        if not all(isinstance(r, str) for r in raw):
-            raise DataError(f"{where}: '{raw_key}' must be a string or a list of strings")
-        return [vocab.tokenize(r) for r in raw]
-    if not isinstance(raw, str):
+    texts = raw if isinstance(raw, list) else [raw]
+    if not all(isinstance(r, str) for r in texts):
         raise DataError(f"{where}: '{raw_key}' must be a string or a list of strings")
-    return vocab.tokenize(raw)
+    try:
+        ids = [vocab.tokenize(text) for text in texts]
+    except GlmcError as error:  # text the tokenizer refuses (not Unicode): say where it is
+        raise DataError(f"{where}: '{raw_key}': {error}") from None
+    return ids if isinstance(raw, list) else ids[0]
 
 
 class MultiChoiceDataset:
@@ -121,7 +131,7 @@ class MultiChoiceDataset:
             raise DataError(f"{where}: needs 'label', the index of the right choice")
         label = item["label"]
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
-            raise DataError(f"{where}: label {label!r} is out of range for {len(choices)} choices")
+            raise DataError(f"{where}: label {shown(label)} is out of range for {len(choices)} choices")
         target_length = sum(len(c) for c in choices)
         if target_length == len(choices):  # single tokens share one sop
             target_length = 1
@@ -183,7 +193,7 @@ class LanguageModelDataset:
 
     def __init__(self, path: Path, config: LanguageModelTaskConfig, vocab: Vocabulary):
         self.path, self.config, self.vocab = path, config, vocab
-        raw_text = read_text(path, DataError)
+        raw_text = read_text(path, DataError, max_bytes=MAX_DOCUMENT_BYTES)
         if not raw_text.strip():
             raise DataError(f"{path}: no text to score")
         if vocab.tokenize is None:

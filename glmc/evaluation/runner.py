@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from glmc.errors import GlmcError
-from glmc.evaluation.config import TaskConfigError, TaskType, field_name, read_yaml, task_type
+from glmc.evaluation.config import TaskConfigError, TaskType, field_name, read_yaml, shown, task_type
 from glmc.evaluation.tasks import GenerationTask, LanguageModelTask, MultiChoiceTask, Task
 
 DEFAULT_CLASSES: dict[TaskType, type[Task]] = {
@@ -51,13 +51,15 @@ def read_task(path: Path) -> LoadedTask:
     kind = task_type(raw, str(path))
     module = raw.get("module")
     if module:
-        task_class = import_task_class(str(module), path)
+        if not isinstance(module, str):
+            raise TaskConfigError(f"{path}: field 'module' must be 'package.module.ClassName', got {shown(module)}")
+        task_class = import_task_class(module, path)
     elif kind in DEFAULT_CLASSES:
         task_class = DEFAULT_CLASSES[kind]
     else:
         raise TaskConfigError(f"{path}: type '{kind.value}' needs a 'module' naming its task class")
     config, unknown = task_class.config_class.from_dict(raw, source=str(path))
-    notes = [f"{path}: unknown field '{name}' ignored" for name in unknown]
+    notes = [f"{path}: unknown field '{shown(name)[1:-1]}' ignored" for name in unknown]
     explicit = any(field_name(key) == "max_seq_length" for key in raw)
     return LoadedTask(path, task_class, config, notes, explicit)
 
@@ -91,11 +93,11 @@ def import_task_class(name: str, source: Path) -> type[Task]:
         with searching([Path.cwd(), source.parent.resolve()]):
             module = importlib.import_module(module_name)
     except Exception as error:  # the module's own import errors included: report them in one line
-        raise TaskConfigError(f"{source}: module '{module_name}' cannot be imported: "
-                              f"{type(error).__name__}: {error}") from None
+        raise TaskConfigError(f"{source}: module {shown(module_name)} cannot be imported: "
+                              f"{type(error).__name__}: {shown(str(error), 200)[1:-1]}") from None
     task_class = getattr(module, class_name, None)
     if not (isinstance(task_class, type) and issubclass(task_class, Task)):
-        raise TaskConfigError(f"{source}: '{name}' is not a glmc.evaluation task class (subclass "
+        raise TaskConfigError(f"{source}: {shown(name)} is not a glmc.evaluation task class (subclass "
                               "MultiChoiceTask, GenerationTask, LanguageModelTask or Task)")
     return task_class
 

@@ -47,8 +47,9 @@ class TaskResult:
     groups: dict[str, list[FileResult]] = field(default_factory=dict)
     seconds: float = 0.0
 
-    def summary(self, group: str) -> dict[str, dict[str, float]]:
-        """Per numeric metric of the group: max, median and the average weighted by samples."""
+    def summary(self, group: str) -> dict[str, dict[str, float | None]]:
+        """Per numeric metric of the group: max, median and the average weighted by samples (None
+        when no file has samples)."""
         files = self.groups[group]
         out = {}
         for name in files[0].metrics if files else ():
@@ -57,7 +58,7 @@ class TaskResult:
                 continue
             weights = [f.samples for f in files]
             out[name] = {"max": float(np.max(values)), "median": float(np.median(values)),
-                         "average": float(np.average(values, weights=weights)) if sum(weights) else float("nan")}
+                         "average": float(np.average(values, weights=weights)) if sum(weights) else None}
         return out
 
     def to_json(self) -> dict:

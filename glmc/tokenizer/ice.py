@@ -13,7 +13,15 @@
 `variant="sat-0.3"` is SAT >= 0.3's `GLM130BTokenizer`: the command pieces, `<|tab|>`,
 `<|blank_2|>`..`<|blank_80|>` and 256 byte pieces are appended to the model and
 byte fallback is turned on, so whitespace and rare characters survive a round
-trip. It changes token ids, so it is never chosen silently.
+trip. It changes token ids, so it is never chosen silently. Its `detokenize` is
+SAT >= 0.3's `_IceTokenizer.detokenize`, which registers 79 more commands after
+the eight: `<t>` and `<blank_2>`..`<blank_80>` (150008.. in GLM-130B's layout, the
+ids the appended `<|tab|>` and blank pieces take), printed as `[<t>]`, `[<blank_2>]`.
+
+Text is Unicode: a lone surrogate (what Python makes of bytes that are not UTF-8,
+e.g. in a command-line argument) is refused in one line. A NUL character is text
+like any other: icetk's model has no piece for it and reads it as `<unk>`
+(`sat-0.3` keeps it as the byte piece `<0x00>`), as icetk and SAT do.
 
 Nothing is ever downloaded: a missing model file is an error saying where to put it.
 """
@@ -32,6 +40,7 @@ from glmc.tokenizer.special import SpecialTokens
 VARIANTS = ("icetk", "sat-0.3")
 ICETK_DEFAULT_PATH = Path("~/.icetk_models/ice_text.model")
 MAX_BLANK = 80
+MAX_MODEL_BYTES = 64 << 20  # icetk's ice_text.model is 2.7 MB
 _SAT03_COMMAND_PIECES = ("[MASK]", "[gMASK]", "[sMASK]", "<eod>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>")
 
 
@@ -45,6 +54,14 @@ class IceTokenizer:
             raise GlmcError(
                 f"{path}: tokenizer model not found. glmc never downloads it: copy icetk's "
                 f"ice_text.model there (icetk keeps it in {ICETK_DEFAULT_PATH}) or pass --tokenizer FILE")
+        size = path.stat().st_size
+        if size > MAX_MODEL_BYTES:
+            raise GlmcError(f"{path}: {size:,} bytes, too large for a SentencePiece model "
+                            f"(at most {MAX_MODEL_BYTES:,}; icetk's is 2.7 MB)")
+        for name, value in (("text_offset", text_offset), ("command_base", command_base)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value < 1 << 31):
+                raise GlmcError(f"tokenizer {name} must be a non-negative integer, got {value!r:.40}")
         proto = sp_model.ModelProto()
         try:
             proto.ParseFromString(path.read_bytes())
@@ -60,6 +77,12 @@ class IceTokenizer:
         base = command_base if command_base is not None else text_offset + self.num_text_pieces
         self.special = SpecialTokens.from_base(base, eos=text_offset + self._sp.eos_id())
         self._command_names = self.special.names()
+        if variant == "sat-0.3":
+            # SAT >= 0.3's _IceTokenizer registers `<t>` and `<blank_2>`..`<blank_80>` as commands
+            # after the eight: detokenize prints them as `[<t>]`, `[<blank_k>]`.
+            extra = ["<t>"] + [f"<blank_{n}>" for n in range(2, MAX_BLANK + 1)]
+            after = self.special.dblock + 1
+            self._command_names.update({after + k: name for k, name in enumerate(extra)})
 
     @property
     def vocab_size(self) -> int:
@@ -70,6 +93,13 @@ class IceTokenizer:
         return self.special.command(name)
 
     def tokenize(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise GlmcError(f"text to tokenize must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise GlmcError(f"the text holds U+{ord(text[error.start]):04X} at character {error.start}, a lone "
+                            "surrogate that is not Unicode text (bytes that are not UTF-8?)") from None
         if self.variant == "sat-0.3":
             text = _encode_whitespace(text)
         return [i + self.text_offset for i in self._sp.EncodeAsIds(text)]
@@ -86,7 +116,8 @@ class IceTokenizer:
         return _decode_whitespace(text) if self.variant == "sat-0.3" else text
 
     def detokenize(self, ids: list[int]) -> str:
-        """SAT's detokenize: text runs decoded separately, commands printed as `[name]`."""
+        """SAT's detokenize: text runs decoded separately, commands printed as `[name]` (in
+        `sat-0.3`, also the whitespace commands `[<t>]`, `[<blank_k>]`)."""
         out, run = [], []
         for i in ids:
             i = int(i)

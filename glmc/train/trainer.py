@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,14 @@ from glmc.checkpoint import SatCheckpoint
 from glmc.checkpoint.sat import CONFIG_FILE, config_to_sat_args, save_shard, shard_name
 from glmc.config import GLMConfig
 from glmc.errors import GlmcError
-from glmc.fileio import write_text_atomic
+from glmc.fileio import (
+    atomic_directory,
+    finite_number,
+    remove_stale_temporaries,
+    temporary_sibling,
+    temporary_writer,
+    write_text_atomic,
+)
 from glmc.model import GLMModel
 from glmc.tokenizer import IceTokenizer
 from glmc.train.data import Corpus, WindowSampler, heldout_windows
@@ -53,6 +59,34 @@ class TrainOptions:
     seed: int = 1234
     save_interval: int = 0  # steps between checkpoints (0: only at the end)
     heldout_batches: int = 8
+
+    def __post_init__(self) -> None:
+        def integer(name: str, low: int) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise GlmcError(f"training option {name} must be an integer >= {low}, got {value!r:.40}")
+
+        def number(name: str, value, low: float, high: float, low_open: bool = False) -> None:
+            if (not finite_number(value) or value < low or value > high or (low_open and value == low)):
+                bounds = f"{'(' if low_open else '['}{low}, {high}]"
+                raise GlmcError(f"training option {name} must be a finite number in {bounds}, got {value!r:.40}")
+
+        for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 16), ("seed", 0), ("save_interval", 0),
+                          ("heldout_batches", 1)):
+            integer(name, low)
+        if self.warmup_steps is not None:
+            integer("warmup_steps", 1)
+        number("lr", self.lr, 0.0, math.inf, low_open=True)
+        number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        number("weight_decay", self.weight_decay, 0.0, math.inf)
+        number("grad_clip", self.grad_clip, 0.0, math.inf, low_open=True)
+        number("embedding_grad_scale", self.embedding_grad_scale, 0.0, 1.0)
+        if not isinstance(self.betas, tuple) or len(self.betas) != 2:
+            raise GlmcError(f"training option betas must be two numbers, got {self.betas!r:.40}")
+        for beta in self.betas:
+            number("betas", beta, 0.0, 1.0)
+            if beta == 1.0:
+                raise GlmcError("training option betas must be below 1 (AdamW divides by 1 - beta^step)")
 
 
 @dataclass
@@ -125,36 +159,91 @@ def heldout_loss(model: GLMModel, corpus: Corpus, tokenizer: IceTokenizer, optio
     return total / count
 
 
-def _save(out: Path, model: GLMModel, optimizer, sampler: WindowSampler, result: TrainResult) -> None:
-    """The iteration's folder appears whole, then `latest` names it, then older ones go."""
+def _save(out: Path, model: GLMModel, optimizer, sampler: WindowSampler, result: TrainResult,
+          config: GLMConfig, tokenizer: IceTokenizer) -> None:
+    """The iteration's folder appears whole, then `latest` names it, then older ones go.
+
+    `out` itself is made at the first save, with the model config and the tokenizer, so that a
+    run stopped before it leaves nothing behind."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "latest").is_file():  # the first save of this run: the files every save shares
+        _write_run_files(out, config, tokenizer)
     iteration = str(result.step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{iteration}.partial-", dir=out))
-    try:
+    with atomic_directory(out / iteration, overwrite=True) as tmp:
         save_shard(tmp / shard_name(0), {k: v.detach().cpu() for k, v in model.state_dict().items()
-                                          if not k.startswith("rotary")})
+                                         if not k.startswith("rotary")})
         torch.save({"optimizer": optimizer.state_dict(), "step": result.step, "sampler": sampler.state(),
                     "losses": result.losses}, tmp / STATE_FILE)
-        os.chmod(tmp, 0o755)
-        if (out / iteration).exists():
-            shutil.rmtree(out / iteration)
-        tmp.rename(out / iteration)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     write_text_atomic(out / "latest", iteration)
     for old in out.iterdir():
         if old.is_dir() and old.name.isdigit() and old.name != iteration:
             shutil.rmtree(old)
 
 
-def _start_checkpoint(out: Path, config: GLMConfig, tokenizer: IceTokenizer) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tokenizer.path, out / TOKENIZER_FILE)
+def _write_run_files(out: Path, config: GLMConfig, tokenizer: IceTokenizer) -> None:
+    tmp = temporary_sibling(out / TOKENIZER_FILE)
+    try:
+        shutil.copyfile(tokenizer.path, tmp)
+        os.replace(tmp, out / TOKENIZER_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
     metadata = {"tokenizer": {"model": TOKENIZER_FILE, "text_offset": tokenizer.text_offset,
                               "variant": tokenizer.variant},
                 "description": "trained by glmc train (GLM blank infilling)"}
     text = json.dumps(config_to_sat_args(config, 1, metadata), indent=2, ensure_ascii=False) + "\n"
     write_text_atomic(out / CONFIG_FILE, text)
+
+
+# What a run writes into --out besides its checkpoints; all that one stopped before its first
+# save may have left (older versions wrote these two at the start).
+_RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE)
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """Refuse an --out a run cannot use, before any work: one holding another run's checkpoint
+    (without --resume), one with nothing to resume (with it), foreign files, a live writer."""
+    if out.exists() and not out.is_dir():
+        raise GlmcError(f"--out {out}: not a folder")
+    if out.is_dir():
+        remove_stale_temporaries(out)  # left by a run that was killed while saving
+        for entry in out.iterdir():
+            writer = temporary_writer(entry.name)
+            if writer is not None:
+                raise GlmcError(f"--out {out}: process {writer[0]} on {writer[1]} is writing into it")
+    has_checkpoint = (out / "latest").is_file()
+    if resume and not has_checkpoint:
+        raise GlmcError(f"--resume: {out} holds no checkpoint to resume (no 'latest': the run stopped before "
+                        "its first save); start the run again without --resume")
+    if resume:
+        return
+    if has_checkpoint:
+        raise GlmcError(f"{out}: already holds files; pass --resume to continue that run or choose another --out")
+    foreign = sorted(e.name for e in out.iterdir() if e.name not in _RUN_FILES) if out.is_dir() else []
+    if foreign:
+        raise GlmcError(f"{out}: already holds files that are not a glmc train run ({foreign[0][:80]}"
+                        f"{', ...' if len(foreign) > 1 else ''}); choose another --out")
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise GlmcError(f"--out {out}: cannot be written ({existing}: permission denied)")
+
+
+def check_batch_fits(config: GLMConfig, options: TrainOptions, device: str) -> None:
+    """Refuse a step whose logits alone (float32, and their gradient) exceed the device's memory:
+    it could only fail after minutes of building samples, or swap the machine to a halt."""
+    need = 2 * 4 * options.batch_size * options.seq_len * config.vocab_size
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise GlmcError(f"--device {device}: this machine has no CUDA device")
+        have, where = torch.cuda.get_device_properties(torch.device(device)).total_memory, device
+    else:
+        try:
+            have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
+        except (ValueError, OSError, AttributeError):
+            return
+    if need > have:
+        raise GlmcError(f"--batch-size {options.batch_size} x --seq-len {options.seq_len} needs at least "
+                        f"{need / 2**30:,.1f} GiB for the logits and their gradient, more than {where}'s "
+                        f"{have / 2**30:,.1f} GiB: lower --batch-size")
 
 
 def train(
@@ -176,6 +265,8 @@ def train(
     if options.seq_len > config.max_sequence_length:
         raise GlmcError(f"--seq-len {options.seq_len} exceeds the model's maximum sequence length "
                         f"{config.max_sequence_length}")
+    check_out(out, resume)
+    check_batch_fits(config, options, device)
     corpus = Corpus.build(data, tokenizer)
     model = GLMModel(config, embedding_grad_scale=options.embedding_grad_scale)
     deepnorm_init_(model, options.seed)
@@ -186,9 +277,6 @@ def train(
     result = TrainResult(step=0)
     if resume:
         _resume(out, config, model, optimizer, sampler, result, device)
-    elif out.exists() and any(out.iterdir()):
-        raise GlmcError(f"{out}: already holds files; pass --resume to continue that run or choose another --out")
-    _start_checkpoint(out, config, tokenizer)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
                 and torch.cuda.is_bf16_supported() else torch.autocast("cpu", enabled=False))
     started, tokens_seen = time.perf_counter(), 0
@@ -205,15 +293,19 @@ def train(
         optimizer.step()
         result.step += 1
         result.losses.append(loss.item())
+        if not math.isfinite(result.losses[-1]):
+            raise GlmcError(f"step {result.step}: the training loss is {result.losses[-1]} (the run diverged): "
+                            "lower --lr or lengthen --warmup-steps"
+                            + (f"; {out} keeps the last checkpoint" if (out / "latest").is_file() else ""))
         tokens_seen += int((batch["targets"] != IGNORE).sum())
         if progress:
             progress(result.step, result.losses[-1], tokens_seen / (time.perf_counter() - started))
         if options.save_interval and result.step % options.save_interval == 0 and result.step < options.steps:
-            _save(out, model, optimizer, sampler, result)
+            _save(out, model, optimizer, sampler, result, config, tokenizer)
     result.seconds = time.perf_counter() - started
     result.tokens_per_second = tokens_seen / max(result.seconds, 1e-9)
     result.heldout_loss = heldout_loss(model, corpus, tokenizer, options, device)
-    _save(out, model, optimizer, sampler, result)
+    _save(out, model, optimizer, sampler, result, config, tokenizer)
     return result
 
 
@@ -226,9 +318,13 @@ def _resume(out: Path, config: GLMConfig, model: GLMModel, optimizer, sampler: W
     model.load_state_dict({k: v.to(device) for k, v in ckpt.load_shard(0).items()})
     try:
         state = torch.load(state_path, map_location=device, weights_only=True)
-    except Exception as error:
-        raise GlmcError(f"{state_path}: unreadable training state ({str(error).splitlines()[0]})") from None
-    optimizer.load_state_dict(state["optimizer"])
-    sampler.restore(state["sampler"])
-    result.step = int(state["step"])
-    result.losses = list(state["losses"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.restore(state["sampler"])
+        step, losses = state["step"], state["losses"]
+        if not isinstance(step, int) or not isinstance(losses, list) or len(losses) != step:
+            raise ValueError(f"step {step!r:.20} does not match {len(losses)} recorded losses")
+    except Exception as error:  # a damaged or foreign file: whatever torch or the state raises
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise GlmcError(f"{state_path}: unreadable training state ({detail})") from None
+    result.step = step
+    result.losses = [float(x) for x in losses]
