@@ -99,6 +99,12 @@ class OrtExecutable:
         if threads:
             options.intra_op_num_threads = threads
         names = [t.name for t in segment.model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        # Every external weight comes from the package's tensor table (checked by Package.open):
+        # ONNX Runtime, given the graph as bytes, would resolve any other against the current directory.
+        unknown = [n for n in names if n not in self._initializers]
+        if unknown:
+            raise GlmcError(f"{self.package.root}: graph weight {unknown[0]} is not in rank {self.mapping.rank}'s "
+                            "tensor table")
         options.add_external_initializers(names, [self._initializers[n] for n in names])
         return self.ort.InferenceSession(segment.model.SerializeToString(), options, providers=providers)
 

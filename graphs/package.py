@@ -8,8 +8,12 @@
     PACKAGE/rank1/...
 
 A package appears only once complete (written to a temporary folder, then
-renamed). Opening one checks every file against the manifest: sizes always,
-digests of the graphs always, digests of the weights on request (`verify="full"`).
+renamed). A package is sealed (see `seal`): opening one checks the manifest's
+fields, that the folder holds exactly the files it lists (no symbolic link, no
+path out of the folder), their sizes always, the digests of the graphs and the
+tokenizer always, the digests of the weights on request (`verify="full"`), the
+tensor table against the weight files and every external-data reference of
+the graphs against the tensor table.
 """
 
 from __future__ import annotations
@@ -28,22 +32,16 @@ import torch
 
 from glmc import __version__
 from glmc.config import GLMConfig, Mapping
-from glmc.errors import GlmcError
-from glmc.fileio import atomic_directory, sha256_of, write_text_atomic
+from glmc.fileio import atomic_directory, read_json, sha256_of, write_text_atomic
+from glmc.graphs.seal import (ALIGNMENT, FORMAT, FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, PackageError,
+                              check_files, check_graph, check_manifest)
 from glmc.graphs.trace import GRAPHS, ExportError, export_graph
 from glmc.passes.attention_3d import ungroup_columns
 
-FORMAT, FORMAT_VERSION = "glmc-package", 1
-MANIFEST = "manifest.json"
 WEIGHTS = "weights.bin"
-ALIGNMENT = 4096  # page-aligned tensors can be memory-mapped in place
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TRANSPOSED = ".T"  # an initializer `W.T` holds the parameter `W` transposed (passes.prepack_weights)
 GROUPED = ".qkv"  # ... with its QKV output columns grouped [q | k | v] (passes.attention_3d)
-
-
-class PackageError(GlmcError):
-    """A package that is missing, incomplete, or does not match its manifest."""
 
 
 def _rank_dir(rank: int) -> str:
@@ -220,38 +218,27 @@ class Package:
 
     @classmethod
     def open(cls, path: str | Path, verify: str = "sizes") -> "Package":
-        """Open and check a package: `verify` is "sizes" (sizes of all files, digests of the
-        graphs) or "full" (digests of everything, weights included)."""
+        """Open a package and check that it is sealed (see `glmc.graphs.seal`).
+
+        `verify` "sizes": the sizes of all files and the digests of all but the weight
+        files; "full": the digests of every file, weights included (reads every byte)."""
+        if verify not in ("sizes", "full"):
+            raise ValueError(f"verify must be 'sizes' or 'full', not {verify!r}")
         root = Path(path)
         if not root.is_dir():
             raise PackageError(f"{root}: no such package directory")
         manifest_path = root / MANIFEST
+        if manifest_path.is_symlink():
+            raise PackageError(f"{manifest_path}: a symbolic link; a package holds only its own files")
         if not manifest_path.is_file():
             raise PackageError(f"{root}: not a glmc package (no {MANIFEST}; was the export interrupted?)")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise PackageError(f"{manifest_path}: unreadable manifest ({error})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise PackageError(f"{manifest_path}: not a glmc package manifest")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise PackageError(f"{manifest_path}: package format {manifest.get('format_version')}, this glmc "
-                               f"reads format {FORMAT_VERSION}; export it again")
-        package = cls(root, manifest)
-        package.verify(full=verify == "full")
-        return package
-
-    def verify(self, full: bool = False) -> None:
-        for name, expected in self.manifest["files"].items():
-            path = self.root / name
-            if not path.is_file():
-                raise PackageError(f"{path}: missing (listed in {MANIFEST})")
-            size = path.stat().st_size
-            if size != expected["bytes"]:
-                raise PackageError(f"{path}: {size} bytes, the manifest says {expected['bytes']} "
-                                   "(truncated or replaced)")
-            if (full or not name.endswith(WEIGHTS)) and sha256_of(path) != expected["sha256"]:
-                raise PackageError(f"{path}: contents differ from the manifest (sha256 mismatch: edited or corrupt)")
+        manifest = read_json(manifest_path, PackageError, max_bytes=MAX_MANIFEST_BYTES)
+        check_manifest(manifest_path, manifest)
+        check_files(root, manifest, full=verify == "full")
+        for entry in manifest["ranks"]:
+            for kind in GRAPHS:
+                check_graph(root, entry, kind)
+        return cls(root, manifest)
 
     @property
     def config(self) -> GLMConfig:
@@ -283,7 +270,13 @@ class Package:
         """One initializer of `rank`, read from its weights file (a read-only view when memory-mapped)."""
         entry = self.manifest["ranks"][rank]["tensors"][name]
         data = mmap if mmap is not None else np.memmap(self.weights_path(rank), dtype=np.uint8, mode="r")
-        raw = data[entry["offset"]: entry["offset"] + entry["length"]]
+        offset, length = entry["offset"], entry["length"]
+        # Checked at open; checked again here, since the file may have changed since (a slice past
+        # the end would silently come back short, a negative offset count from the end).
+        if not (isinstance(offset, int) and isinstance(length, int) and 0 <= offset <= offset + length <= data.size):
+            raise PackageError(f"{self.weights_path(rank)}: tensor {name} (bytes {offset} to {offset + length}) "
+                               f"lies outside the file ({data.size} bytes)")
+        raw = data[offset: offset + length]
         return raw.view(ir.DataType[entry["dtype"]].numpy()).reshape(entry["shape"])
 
     def state_dict(self, rank: int) -> dict[str, torch.Tensor]:
