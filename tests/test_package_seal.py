@@ -105,7 +105,7 @@ def unknown_config_field(path, outside):
     manifest = _manifest(path)
     manifest["config"]["num_experts"] = 8  # GLMConfig.from_dict's own refusal, naming the manifest
     _save_manifest(path, manifest)
-    return ["manifest.json", "config: unknown field(s) num_experts"]
+    return ["manifest.json", "config: unknown field(s) \"num_experts\""]
 
 
 def ranks_disagree_with_tp_size(path, outside):

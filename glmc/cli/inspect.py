@@ -34,10 +34,10 @@ def inspect(path, config_name, verify, verify_weights, as_json, progress):
     --verify, weights that are NaN or infinite are reported (the first tensor and
     its count) and the command exits with status 1 after the description.
     """
-    from glmc.graphs.package import MANIFEST
+    from glmc.sources import is_package
 
     verify = verify or verify_weights
-    if (path / MANIFEST).is_file() or (path / "rank0").is_dir():
+    if is_package(path):
         info = _package(path, verify)
     else:
         info = _checkpoint(path, config_name, verify, progress)

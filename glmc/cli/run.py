@@ -14,7 +14,7 @@ from glmc.cli import cli
 from glmc.cli.model_options import model_options, open_model
 from glmc.cli.types import SEED, finite
 from glmc.errors import GlmcError, PromptError
-from glmc.fileio import read_text
+from glmc.fileio import read_text, write_text_atomic
 
 QUERY_PROMPT = "\nPlease Input Query (stop to exit) >>> "
 
@@ -223,7 +223,5 @@ class _Writer:
             while path.exists():  # two prompts in one second must not overwrite each other
                 path, n = self.output_path / f"{stem}-{n}.txt", n + 1
         lines = result.answers if result.answers is not None else [" ".join(map(str, t)) for t in result.token_ids]
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(line + "\n" for line in lines))
         return path

@@ -34,7 +34,7 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
-from glmc.errors import GlmcError
+from glmc.errors import GlmcError, PromptError
 from glmc.tokenizer.special import SpecialTokens
 
 VARIANTS = ("icetk", "sat-0.3")
@@ -98,7 +98,7 @@ class IceTokenizer:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as error:
-            raise GlmcError(f"the text holds U+{ord(text[error.start]):04X} at character {error.start}, a lone "
+            raise PromptError(f"the text holds U+{ord(text[error.start]):04X} at character {error.start}, a lone "
                             "surrogate that is not Unicode text (bytes that are not UTF-8?)") from None
         if self.variant == "sat-0.3":
             text = _encode_whitespace(text)
