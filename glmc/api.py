@@ -243,6 +243,7 @@ def load(
     collective_timeout: float = 20.0,
     on_failure=None,
     spawn: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> GLM:
     """Open a SAT checkpoint or a compiled package on a backend.
 
@@ -254,18 +255,24 @@ def load(
     ~/.cache/glmc) and reused afterwards. With `tp_size` > 1 this process runs rank
     0 and starts the other ranks as worker processes (close the model to stop them);
     a rank that hangs stops the run after `collective_timeout` seconds. `spawn=False`:
-    the ranks were started by torchrun, this process being rank 0.
+    the ranks were started by torchrun, this process being rank 0. `progress` receives
+    one line per step of a long preparation (building TensorRT engines, kept in
+    `cache_dir`/engines).
     """
     from glmc.graphs import Package
 
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
-    backends.backend_info(backend)
-    check_device(device, tp_size if spawn else 1)  # before anything is exported or started
+    # Before anything is exported or started: the backend's own needs, then the devices.
+    info = backends.preflight(backend, device, dtype)
+    check_device(device, tp_size if spawn else 1)
+    cache = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE
     if path is None and backend != "torch":
-        path = exported_default(Path(cache_dir) if cache_dir else DEFAULT_CACHE, dtype or "float32", tp_size=tp_size)
+        path = exported_default(cache, dtype or "float32", target=info.package_target or "onnxruntime",
+                                tp_size=tp_size)
     source = open_source(path, config)
-    options = backends.CompileOptions(dtype=dtype, device=device, threads=threads, torch_compile=torch_compile)
+    options = backends.CompileOptions(dtype=dtype, device=device, threads=threads, torch_compile=torch_compile,
+                                      engine_cache=str(cache / "engines"), progress=progress)
     cluster = None
     if tp_size > 1:
         from glmc.runtime.launch import Cluster, RankSpec

@@ -51,7 +51,9 @@ _OPTIONS = [
     click.option("--tokenizer-variant", type=click.Choice(["icetk", "sat-0.3"]),
                  help="icetk: what GLM-130B's pinned SAT 0.2.12 runs (whitespace folded). sat-0.3: later "
                       "SAT's tokenizer (tabs, blank runs, bytes kept; different ids).  [default: icetk]"),
-    click.option("--backend", default="torch", help="Backend that runs the model: torch or onnxruntime."),
+    click.option("--backend", default="torch",
+                 help="Backend that runs the model: torch, onnxruntime, or tensorrt (a --target tensorrt package "
+                      "on an NVIDIA GPU with TensorRT installed; engines built once into --cache-dir/engines)."),
     click.option("--threads", type=threads(), help="Intra-op threads, at most 4 per core. Default: the "
                  "backend's choice.", show_default=False),
     click.option("--torch-compile", is_flag=True,
@@ -104,7 +106,13 @@ def open_model(options: ModelOptions):
                      config=options.config_name, tokenizer=options.tokenizer,
                      tokenizer_variant=options.tokenizer_variant, threads=options.threads,
                      torch_compile=options.torch_compile, cache_dir=options.cache_dir, tp_size=tp_size,
-                     collective_timeout=options.collective_timeout, on_failure=_abort, spawn=joined is None)
+                     collective_timeout=options.collective_timeout, on_failure=_abort, spawn=joined is None,
+                     progress=_progress(options.backend))
+
+
+def _progress(backend: str):
+    """Progress lines of a long preparation (a TensorRT engine build) on stderr."""
+    return lambda message: click.echo(f"[{backend}] {message}", err=True)
 
 
 def _abort(message: str) -> None:
@@ -115,6 +123,7 @@ def _abort(message: str) -> None:
 
 def _serve_torchrun_rank(rank: int, tp_size: int, local_rank: int, options: ModelOptions) -> None:
     from glmc.api import EMBEDDED_DEFAULT, exported_default
+    from glmc.backends import backend_info
     from glmc.devices import parse_device
     from glmc.runtime.launch import RankSpec, run_worker
 
@@ -123,7 +132,8 @@ def _serve_torchrun_rank(rank: int, tp_size: int, local_rank: int, options: Mode
     source = options.source
     if source is None:  # the embedded model; rank 0 exports it for package backends, the others wait
         source = EMBEDDED_DEFAULT if options.backend == "torch" else exported_default(
-            options.cache_dir, options.dtype or "float32", tp_size=tp_size, wait_seconds=600)
+            options.cache_dir, options.dtype or "float32", target=backend_info(options.backend).package_target
+            or "onnxruntime", tp_size=tp_size, wait_seconds=600)
     spec = RankSpec(source=str(source), backend=options.backend, tp_size=tp_size, dtype=options.dtype,
                     device=options.device, threads=options.threads, torch_compile=options.torch_compile,
                     config=options.config_name, timeout=options.collective_timeout)
