@@ -855,8 +855,9 @@ def wire_collectives(trt, network, plan: list[CollectiveWiring], tp_size: int, w
             producers[layer.get_output(j).name] = layer
     for item in plan:
         marker = producers.get(item.output)
-        if marker is None:
-            raise GlmcError(f"{what}: no layer produces '{item.output}', the output of AllReduce '{item.node}'")
+        if marker is None or marker.type != trt.LayerType.IDENTITY:
+            raise GlmcError(f"{what}: TensorRT's parser made no identity layer of AllReduce '{item.node}' "
+                            f"(output '{item.output}') to put the collective in place of")
         layer = network.add_dist_collective(marker.get_input(0), trt.CollectiveOperation.ALL_REDUCE,
                                             trt.ReduceOperation.SUM, -1, None)
         if layer is None:
