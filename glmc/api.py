@@ -235,6 +235,7 @@ def load(
     collective_timeout: float = 20.0,
     on_failure=None,
     spawn: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> GLM:
     """Open a SAT checkpoint or a compiled package on a backend.
 
@@ -246,32 +247,38 @@ def load(
     ~/.cache/glmc) and reused afterwards. With `tp_size` > 1 this process runs rank
     0 and starts the other ranks as worker processes (close the model to stop them);
     a rank that hangs stops the run after `collective_timeout` seconds. `spawn=False`:
-    the ranks were started by torchrun, this process being rank 0.
+    the ranks were started by torchrun, this process being rank 0. `progress` receives
+    one line per step of a long preparation (building TensorRT engines, kept in
+    `cache_dir`/engines).
     """
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
     spec = RunSpec(source=None if path is None else str(path), config=config if isinstance(config, str) else None,
                    backend=backend, dtype=dtype, device=device, tp_size=tp_size, threads=threads,
-                   torch_compile=torch_compile, collective_timeout=collective_timeout)
+                   torch_compile=torch_compile, collective_timeout=collective_timeout,
+                   cache_dir=None if cache_dir is None else str(Path(cache_dir).expanduser()))
     return open_model(spec, tokenizer=tokenizer, tokenizer_variant=tokenizer_variant, special_tokens=special_tokens,
-                      cache_dir=cache_dir, on_failure=on_failure, spawn=spawn,
+                      on_failure=on_failure, spawn=spawn, progress=progress,
                       model_config=config if isinstance(config, GLMConfig) else None)
 
 
 def open_model(spec: RunSpec, *, tokenizer: str | os.PathLike | None = None, tokenizer_variant: str | None = None,
-               special_tokens: SpecialTokens | None = None, cache_dir: str | os.PathLike | None = None,
-               on_failure=None, spawn: bool = True, rendezvous=None, model_config: GLMConfig | None = None) -> GLM:
+               special_tokens: SpecialTokens | None = None, on_failure=None, spawn: bool = True, rendezvous=None,
+               model_config: GLMConfig | None = None, progress: Callable[[str], None] | None = None) -> GLM:
     """The model `spec` describes, with its tokenizer: what `load`, the CLI and the server open.
 
     Under torchrun (`spawn=False`) this process is rank 0 and meets the others at `rendezvous`.
+    `progress` receives one line per step of a long preparation (a TensorRT engine build).
     """
     from glmc.graphs import Package
 
-    backends.check_spec(spec)
-    check_device(spec.device, spec.tp_size if spawn else 1)  # before anything is exported or started
+    # Before anything is exported or started: the backend's own needs, then the devices.
+    info = backends.check_spec(spec)
+    check_device(spec.device, spec.tp_size if spawn else 1)
     if spec.source is None and spec.backend != "torch":
-        cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
-        spec = replace(spec, source=str(exported_default(cache, spec.dtype or "float32", tp_size=spec.tp_size)))
+        package = exported_default(spec.cache_path, spec.dtype or "float32", target=info.package_target or "onnxruntime",
+                                   tp_size=spec.tp_size)
+        spec = replace(spec, source=str(package))
     source = open_source(spec.source, model_config or spec.config)
     cluster = None
     if spec.tp_size > 1:
@@ -280,10 +287,11 @@ def open_model(spec: RunSpec, *, tokenizer: str | os.PathLike | None = None, tok
         if isinstance(source, Package) and source.tp_size != spec.tp_size:
             raise GlmcError(f"{source.root}: exported for TP {source.tp_size}, asked to run at TP {spec.tp_size}")
         source.config.check_mapping(Mapping(spec.tp_size, 0))
-        cluster = Cluster(replace(spec, source=str(source.root)), on_failure, spawn=spawn, rendezvous=rendezvous)
+        cluster = Cluster(replace(spec, source=str(source.root)), on_failure, spawn=spawn, rendezvous=rendezvous,
+                          progress=progress)
         executable = cluster.executable
     else:
-        executable = backends.open_rank(spec, Mapping(), source=source)
+        executable = backends.open_rank(spec, Mapping(), source=source, progress=progress)
     if isinstance(source, Package):
         tok, metadata = resolve_package_tokenizer(source, tokenizer, tokenizer_variant), source.manifest
     else:
@@ -292,9 +300,6 @@ def open_model(spec: RunSpec, *, tokenizer: str | os.PathLike | None = None, tok
     if special is None and source.config.vocab_size > GLM130B_SPECIAL_TOKENS.dblock:
         special = GLM130B_SPECIAL_TOKENS
     return GLM(executable, source.config, special, tok, str(executable.device), cluster)
-
-
-DEFAULT_CACHE = Path("~/.cache/glmc").expanduser()
 
 
 def export(

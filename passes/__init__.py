@@ -15,6 +15,7 @@ from glmc.passes import (
     fuse_geglu,
     fuse_rotary,
     prepack_weights,
+    tensorrt_ops,
 )
 from glmc.passes.base import TARGETS, PassOutcome, Target, target_named
 
@@ -29,7 +30,10 @@ from glmc.passes.base import TARGETS, PassOutcome, Target, target_named
 # 6. fp32_softmax after the fusions, so it sees what remains of Softmax and the new
 #    Attention nodes alike.
 # 7. cleanup again drops what the fusions left unused and merges repeated nodes.
-PIPELINE = (prepack_weights, cleanup, fuse_rotary, fuse_attention, attention_3d, fuse_geglu, fp32_softmax, cleanup)
+# 8. tensorrt_ops last, on the graph as it will be written: a guard (tensorrt target only)
+#    that TensorRT's ONNX parser takes every node.
+PIPELINE = (prepack_weights, cleanup, fuse_rotary, fuse_attention, attention_3d, fuse_geglu, fp32_softmax, cleanup,
+            tensorrt_ops)
 
 
 def optimize(model: ir.Model, target: Target | str) -> tuple[ir.Model, dict[str, int], dict[str, list[str]]]:
@@ -38,6 +42,8 @@ def optimize(model: ir.Model, target: Target | str) -> tuple[ir.Model, dict[str,
     counts: dict[str, int] = {}
     declined: dict[str, list[str]] = {}
     for step, module in enumerate(PIPELINE):
+        if target.name not in getattr(module, "ONLY_FOR", (target.name,)):
+            continue  # a guard of another target's backend
         outcome: PassOutcome = module.run(model, target)
         key = outcome.name if outcome.name not in counts else f"{outcome.name}_{step}"
         counts[key] = outcome.count

@@ -18,7 +18,10 @@ does not stop the others, and the exit status is 1 if any part failed:
   glm130b_rank      rank 0 of GLM-130B at TP 8 (~32 GB of fp16 weights), one decode step over a
                     past of 128 and of 2047, against the bandwidth bound; no communication
   onnxruntime_cuda  a float16 glm-tiny package on ONNX Runtime's CUDAExecutionProvider
-  tensorrt          a glm-tiny `--target tensorrt` package on glmc's tensorrt backend
+  tensorrt          glmc's tensorrt backend: a float16 glm-tiny `--target tensorrt` package against the
+                    float32 reference (as above), its engine build time, and glm-bench (random
+                    float16 weights) decoding at batch 1 and 8 over a past of 128 against the
+                    bandwidth bound; skipped, with the reason, without the tensorrt package or a GPU
 
 `--dry` (implied by `--device cpu`) runs the same code on small shapes in well under a
 minute. A relative --report path is taken from the current folder (the repository root
@@ -905,33 +908,96 @@ def part_onnxruntime_cuda(measurements: dict, plan: Plan, fixture: TinyFixture, 
     return compare_backend(measurements, plan, fixture, model)
 
 
-def part_tensorrt(measurements: dict, plan: Plan, fixture: TinyFixture, root: Path) -> str:
+def part_tensorrt(measurements: dict, plan: Plan, fixture: TinyFixture, root: Path, timer: Timer,
+                  bounds: Bounds | str) -> str:
+    if importlib.util.find_spec("tensorrt") is None:
+        raise Skipped("tensorrt is not installed")
     try:
         import tensorrt
-    except ImportError:
-        raise Skipped("tensorrt is not installed") from None
+    except (ImportError, OSError) as error:  # a wheel whose libraries do not load
+        raise Skipped(f"tensorrt does not import: {one_line(error)}") from None
     measurements["tensorrt"] = getattr(tensorrt, "__version__", None)
-    from glmc.backends import BACKENDS
-
-    if "tensorrt" not in BACKENDS:
-        raise Skipped("glmc has no tensorrt backend yet")
     if torch.device(plan.device).type != "cuda":
         raise Skipped(f"--device {plan.device}: TensorRT needs --device cuda")
     import glmc
     from glmc.api import export
 
+    # Parity: glm-tiny in float16 against the float32 CPU reference.
     start = time.perf_counter()
     package = export(fixture.checkpoint, root / "tiny-trt-fp16", dtype="float16", target="tensorrt")
     measurements["export_seconds"] = time.perf_counter() - start
+    lines: list[str] = []
     start = time.perf_counter()
-    model = glmc.load(package, backend="tensorrt", device=plan.device)
+    model = glmc.load(package, backend="tensorrt", device=plan.device, cache_dir=root, progress=lines.append)
     measurements["load_seconds"] = time.perf_counter() - start  # includes building the engines
-    for name in ("engine_build_seconds", "build_seconds"):  # if the backend reports it
-        value = getattr(model.executable, name, None)
-        if isinstance(value, (int, float)):
-            measurements["engine_build_seconds"] = float(value)
-            break
-    return compare_backend(measurements, plan, fixture, model)
+    measurements["engine_build_seconds"] = model.executable.build_seconds
+    measurements["collectives"] = model.executable.collectives
+    measurements["build_log"] = lines[-20:]
+    measured, failures = compare_outputs(model_outputs(model, plan.parity), fixture.reference, FLOAT16_LIMIT, None)
+    measurements.update(measured)
+    del model
+    parity = f"float16 {describe_comparison(measured)}; engines built in {measurements['engine_build_seconds']:.1f} s"
+
+    # Speed: glm-bench decoding on its engines, against the bandwidth bound.
+    bounds = machine_bounds(bounds)
+    bench = bench_package(plan, root)
+    start = time.perf_counter()
+    model = glmc.load(bench, backend="tensorrt", device=plan.device, cache_dir=root)
+    measurements["bench_load_seconds"] = time.perf_counter() - start
+    measurements["bench_engine_build_seconds"] = model.executable.build_seconds
+    measurements["cases"] = [time_tensorrt_decode(model.executable, case, timer, bounds, plan.bench.repeats)
+                             for case in plan.bench.decode_cases]
+    del model
+    for result in measurements["cases"]:
+        check_fraction(f"tensorrt decode b{result['batch']} past{result['past']}", result)
+    if failures:
+        raise CheckFailed("; ".join(failures))
+    return f"{parity}; {plan.bench.name} " + "; ".join(describe_decode(r) for r in measurements["cases"])
+
+
+def bench_package(plan: Plan, root: Path) -> Path:
+    """plan.bench's model with random float16 weights, exported for TensorRT."""
+    from glmc.api import export
+    from glmc.checkpoint import model_state, save_checkpoint
+
+    model = build_random_model(plan.bench.config, 1, 0, torch.device("cpu"))
+    # LayerNorms too: the export's cleanup merges equal constants, and freshly initialised norms
+    # (all ones, all zeros) would leave parameters stored under another one's name.
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layernorm" in name:
+                param.add_(torch.randn(param.shape, generator=generator).to(param.dtype), alpha=0.02)
+    save_checkpoint(root / "bench-ckpt", plan.bench.config, [model_state(model)], iteration="1")
+    del model
+    return export(root / "bench-ckpt", root / "bench-trt-fp16", dtype="float16", target="tensorrt")
+
+
+@torch.inference_mode()
+def time_tensorrt_decode(executable, case: DecodeCase, timer: Timer, bounds: Bounds, repeats: Repeats) -> dict:
+    """One decode step of `case.batch` tokens over a KV cache of `case.past` on the decode engine."""
+    config, package, device, b = executable.config, executable.package, executable.device, case.batch
+    heads, head_dim = config.num_attention_heads, config.head_dim
+    cache = [torch.randn(b, heads, case.past, head_dim, dtype=torch.float16, device=device)  # [b, heads, past, hd]
+             for _ in range(2 * config.num_layers)]  # keys of every layer, then values
+    kv_bytes = sum(t.numel() * t.element_size() for t in cache)
+    tokens = torch.randint(0, config.vocab_size, (b, 1), device=device)
+    positions = torch.full((b, 1), case.past, dtype=torch.long, device=device)
+    mask = torch.zeros(b, 1, 1, case.past + 1, dtype=torch.bool, device=device)  # nothing masked
+
+    def step():
+        return executable.decode(tokens, positions, mask, cache)
+
+    logits_shape = list(step()[0].shape)
+    seconds = timer.measure(step, repeats)
+    tensors = package.manifest["ranks"][0]["tensors"]
+    # The decode engine reads each of its weights once per step (its own copy, built from these).
+    weight_bytes = sum(tensors[name]["length"] for name in package.graph_weights(0, "decode"))
+    bound = (weight_bytes + kv_bytes) / bounds.bandwidth
+    result = {"batch": b, "past": case.past, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
+              "logits_shape": logits_shape, **timing_summary(seconds, bound, b)}
+    del cache
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1058,7 +1124,7 @@ def main(argv: list[str] | None = None) -> int:
         parts["bench_prefill"] = run_part("bench_prefill", part_bench_prefill, plan, timer, bounds)
         parts["glm130b_rank"] = run_part("glm130b_rank", part_glm130b_rank, plan, timer, bounds)
         parts["onnxruntime_cuda"] = run_part("onnxruntime_cuda", with_fixture(part_onnxruntime_cuda), root)
-        parts["tensorrt"] = run_part("tensorrt", with_fixture(part_tensorrt), root)
+        parts["tensorrt"] = run_part("tensorrt", with_fixture(part_tensorrt), root, timer, bounds)
 
     assert tuple(parts) == PARTS
     report["parts"] = parts

@@ -17,12 +17,11 @@ from glmc.run_spec import RunSpec
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """What the model options say: the run (every rank's part) and rank 0's own tokenizer and cache."""
+    """What the model options say: the run (every rank's part) and rank 0's own tokenizer."""
 
     spec: RunSpec
     tokenizer: Path | None
     tokenizer_variant: str | None
-    cache_dir: Path
 
     @property
     def source(self) -> str | None:
@@ -53,7 +52,9 @@ _OPTIONS = [
     click.option("--tokenizer-variant", type=click.Choice(["icetk", "sat-0.3"]),
                  help="icetk: what GLM-130B's pinned SAT 0.2.12 runs (whitespace folded). sat-0.3: later "
                       "SAT's tokenizer (tabs, blank runs, bytes kept; different ids).  [default: icetk]"),
-    click.option("--backend", default="torch", help="Backend that runs the model: torch or onnxruntime."),
+    click.option("--backend", default="torch",
+                 help="Backend that runs the model: torch, onnxruntime, or tensorrt (a --target tensorrt package "
+                      "on an NVIDIA GPU with TensorRT installed; engines built once into --cache-dir/engines)."),
     click.option("--threads", type=threads(), help="Intra-op threads, at most 4 per core. Default: the "
                  "backend's choice.", show_default=False),
     click.option("--torch-compile", is_flag=True,
@@ -88,10 +89,11 @@ def model_options(command):
             spec = RunSpec(source=None if source is None else str(source), config=values["config_name"],
                            backend=values["backend"], dtype=values["dtype"], device=values["device"],
                            tp_size=values["tp_size"], threads=values["threads"],
-                           torch_compile=values["torch_compile"], collective_timeout=values["collective_timeout"])
+                           torch_compile=values["torch_compile"], collective_timeout=values["collective_timeout"],
+                           cache_dir=str(values["cache_dir"]))
         except GlmcError as error:
             raise click.UsageError(str(error).removeprefix("run spec: ")) from None
-        options = ModelOptions(spec, values["tokenizer"], values["tokenizer_variant"], values["cache_dir"])
+        options = ModelOptions(spec, values["tokenizer"], values["tokenizer_variant"])
         return command(*args, model=options, **kwargs)
 
     for option in reversed(_OPTIONS):
@@ -111,10 +113,15 @@ def open_model(options: ModelOptions):
         rank, tp_size, local_rank, rendezvous = joined
         spec = replace(spec, tp_size=tp_size)
         if rank > 0:
-            _serve_torchrun_rank(rank, local_rank, rendezvous, spec, options.cache_dir)
+            _serve_torchrun_rank(rank, local_rank, rendezvous, spec)
             return None
     return open_glm(spec, tokenizer=options.tokenizer, tokenizer_variant=options.tokenizer_variant,
-                    cache_dir=options.cache_dir, on_failure=_abort, spawn=joined is None, rendezvous=rendezvous)
+                    on_failure=_abort, spawn=joined is None, rendezvous=rendezvous, progress=_progress(spec.backend))
+
+
+def _progress(backend: str):
+    """Progress lines of a long preparation (a TensorRT engine build) on stderr."""
+    return lambda message: click.echo(f"[{backend}] {message}", err=True)
 
 
 def _abort(message: str) -> None:
@@ -123,14 +130,16 @@ def _abort(message: str) -> None:
     os._exit(1)
 
 
-def _serve_torchrun_rank(rank: int, local_rank: int, rendezvous, spec: RunSpec, cache_dir: Path) -> None:
+def _serve_torchrun_rank(rank: int, local_rank: int, rendezvous, spec: RunSpec) -> None:
     from glmc.api import exported_default
+    from glmc.backends import backend_info
     from glmc.runtime.launch import run_worker
     from glmc.sources import EMBEDDED_DEFAULT
 
     if spec.source is None:  # the embedded model; rank 0 exports it for package backends, the others wait
+        target = backend_info(spec.backend).package_target or "onnxruntime"
         source = EMBEDDED_DEFAULT if spec.backend == "torch" else exported_default(
-            cache_dir, spec.dtype or "float32", tp_size=spec.tp_size, wait_seconds=600)
+            spec.cache_path, spec.dtype or "float32", target=target, tp_size=spec.tp_size, wait_seconds=600)
         spec = replace(spec, source=str(source))
     code = run_worker(rank, spec, rendezvous, local_rank=local_rank, spawned=False)
     if code:
