@@ -19,7 +19,7 @@ between them, as the ONNX Runtime backend does. `collectives` says which runs.
 Engines are built once and kept in a cache folder (`EngineCache`, default
 ~/.cache/glmc/engines, never inside the package), keyed by everything that makes an
 engine; the timing cache is kept beside them. Builds report progress and their time
-through `CompileOptions.progress`; TensorRT's own messages go to the Python logger
+through the `progress` callback `backends.open_rank` passes; TensorRT's own messages go to the Python logger
 `glmc.backends.tensorrt`, and its errors into the one-line error of a failed build.
 
 Everything runs on torch's current CUDA stream: inputs, the KV cache and outputs are
@@ -56,6 +56,7 @@ from glmc.fileio import read_json, write_text_atomic
 from glmc.graphs.ops import ALL_REDUCE, DOMAIN
 from glmc.graphs.segments import Segment, split
 from glmc.model.parallel import Collectives, SingleRank
+from glmc.run_spec import RunSpec
 
 LOG = logging.getLogger(__name__)
 LOG.addHandler(logging.NullHandler())  # a library's log: the application decides where it goes
@@ -575,7 +576,8 @@ class _Runner:
 class TensorRTExecutable:
     """One rank of a `--target tensorrt` package on TensorRT engines; every tensor it returns is on its GPU."""
 
-    def __init__(self, package, mapping: Mapping, options, comm: Collectives | None = None):
+    def __init__(self, package, mapping: Mapping, spec: RunSpec, comm: Collectives | None = None,
+                 progress: Callable[[str], None] | None = None):
         from glmc.graphs.trace import GRAPHS
 
         trt = import_tensorrt()
@@ -584,15 +586,15 @@ class TensorRTExecutable:
         self.comm = comm if comm is not None else (SingleRank() if mapping.tp_size == 1 else None)
         if self.comm is None:
             raise GlmcError(f"rank {mapping.rank} of a TP-{mapping.tp_size} package needs collectives")
-        check_device(options.device)
-        self.device = _cuda_device(options.device)
+        check_device(spec.device)
+        self.device = _cuda_device(spec.device)
         self.gpu_name = torch.cuda.get_device_name(self.device)
         self.capability = tuple(torch.cuda.get_device_capability(self.device))
         check_capability(package.dtype, self.capability, self.gpu_name)
         self.dtype = DTYPES[package.dtype]
-        self.limits = Limits.of(self.config, options.max_batch_size)
-        self.cache = EngineCache(Path(options.engine_cache) if options.engine_cache else DEFAULT_ENGINE_CACHE)
-        self.progress = options.progress or (lambda message: None)
+        self.limits = Limits.of(self.config, spec.max_batch_size)
+        self.cache = EngineCache(spec.cache_path / "engines")
+        self.progress = progress or (lambda message: None)
         self.logger = _make_logger(trt)
         self.build_seconds = 0.0  # engine builds of this executable (0 when every engine came from the cache)
         self.run_seconds = 0.0
@@ -795,7 +797,7 @@ class TensorRTExecutable:
         allowed = runner.profile.get(name)
         span = f" (the engine takes {list(allowed.min)} to {list(allowed.max)})" if allowed else ""
         return (f"{runner.what}: input '{name}' of shape {list(shape)} is outside the engine's optimisation "
-                f"profile{span}: at most {self.limits.max_batch} rows (prompts x beams; CompileOptions."
+                f"profile{span}: at most {self.limits.max_batch} rows (prompts x beams; RunSpec."
                 f"max_batch_size) and {self.limits.positions} positions")
 
     def _run(self, kind: str, feeds: dict[str, torch.Tensor], cache=None):
@@ -883,7 +885,8 @@ def wire_collectives(trt, network, plan: list[CollectiveWiring], tp_size: int, w
             raise GlmcError(f"{what}: nothing reads '{item.output}', the output of AllReduce '{item.node}'")
 
 
-def compile(source, mapping: Mapping, options, comm: Collectives | None = None) -> TensorRTExecutable:
+def compile(source, mapping: Mapping, spec: RunSpec, comm: Collectives | None = None,
+            progress: Callable[[str], None] | None = None) -> TensorRTExecutable:
     from glmc.graphs import Package
 
     if not isinstance(source, Package):
@@ -894,6 +897,6 @@ def compile(source, mapping: Mapping, options, comm: Collectives | None = None) 
                         "--target tensorrt packages (glmc export ... --target tensorrt)")
     if source.tp_size != mapping.tp_size:
         raise GlmcError(f"{source.root}: exported for TP {source.tp_size}, asked to run at TP {mapping.tp_size}")
-    if options.dtype is not None and options.dtype != source.dtype:
-        raise GlmcError(f"{source.root}: exported in {source.dtype}; --dtype {options.dtype} needs another export")
-    return TensorRTExecutable(source, mapping, options, comm)
+    if spec.dtype is not None and spec.dtype != source.dtype:
+        raise GlmcError(f"{source.root}: exported in {source.dtype}; --dtype {spec.dtype} needs another export")
+    return TensorRTExecutable(source, mapping, spec, comm, progress)

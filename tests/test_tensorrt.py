@@ -35,7 +35,8 @@ import pytest
 import torch
 
 from conftest import TINY_SPECIAL
-from glmc.backends import BACKENDS, CompileOptions
+from glmc.backends import BACKENDS
+from glmc.run_spec import RunSpec
 from glmc.backends import tensorrt as trt_backend
 from glmc.backends.tensorrt import (
     EngineCache,
@@ -183,7 +184,7 @@ def test_bfloat16_needs_compute_capability_8():
 def test_only_tensorrt_packages_are_compiled(tiny_package, tiny_checkpoint):
     from glmc.checkpoint import SatCheckpoint
 
-    options = CompileOptions(device="cuda")
+    options = RunSpec(backend="tensorrt", device="cuda")
     with pytest.raises(GlmcError, match="exported for target onnxruntime.*--target tensorrt"):
         trt_backend.compile(Package.open(tiny_package), Mapping(), options)
     with pytest.raises(GlmcError, match="runs compiled packages"):
