@@ -222,8 +222,9 @@ def parse_yaml(text: str, source: str, error: type[GlmcError] = GlmcError, *, ma
                         raise fail(f"the key {_cut(repr(key))} is given twice", key_node.start_mark)
             return super().construct_mapping(node, deep)
 
-    loader = Loader(text)
+    loader = None
     try:
+        loader = Loader(text)  # the reader refuses unprintable characters (a NUL) already here
         root = loader.get_single_node()
         if root is None:
             return None
@@ -236,7 +237,8 @@ def parse_yaml(text: str, source: str, error: type[GlmcError] = GlmcError, *, ma
     except RecursionError:
         raise error(f"{source}: not valid YAML: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _count_yaml_nodes(root, limit: int, max_depth: int, fail) -> None:

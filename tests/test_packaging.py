@@ -71,7 +71,7 @@ def test_the_installed_wheel_runs_every_command(wheel, tmp_path):
         return result.stdout
 
     where = subprocess.run([str(python), "-c", "import glmc, glmc.evaluation; print(glmc.__file__)"], env=env,
-                           capture_output=True, text=True, check=True).stdout
+                           cwd=work, capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(site)), where
     assert "evaluate" in glmc("--help")
     assert "Output:" in glmc("run", "--no-output-files", "--out-seq-length", "24", "Hello [MASK]")
