@@ -9,7 +9,7 @@ import torch
 from glmc.config import Mapping
 from glmc.devices import check_device
 from glmc.errors import GlmcError
-from glmc.model import GLMModel, KVCache
+from glmc.model import GLMModel, StaticKVCache
 from glmc.run_spec import RunSpec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -17,7 +17,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 class TorchExecutable:
     """The reference model of one rank; every tensor it returns (logits, cache) is on its device,
-    and inputs on any device are moved there."""
+    and inputs on any device are moved there.
+
+    The KV cache is static (glmc.model.StaticKVCache): buffers for the sequence budget,
+    written in place, reordered in place for beam search. Under torch.compile it is the
+    functional list of (k, v) instead, whose shapes the compiled graph can follow.
+    """
 
     def __init__(self, model: GLMModel, *, compiled: bool = False, threads: int | None = None):
         self.model = model
@@ -26,6 +31,7 @@ class TorchExecutable:
         self.mapping = model.mapping
         self.device = model.word_embeddings.weight.device
         self.dtype = model.dtype
+        self.static_cache = not compiled
         # torch.compile with dynamic shapes: one graph serves every batch and length.
         self._forward = torch.compile(model, dynamic=True) if compiled else model
 
@@ -34,26 +40,38 @@ class TorchExecutable:
                 attention_mask.to(self.device, torch.bool))
 
     @torch.no_grad()
-    def prefill(self, tokens, position_ids, attention_mask, *, last_only: bool = True):
+    def prefill(self, tokens, position_ids, attention_mask, *, last_only: bool = True, capacity: int | None = None):
+        """`capacity`: the positions the cache will hold (context and generation); it grows if passed."""
+        cache = None
+        if self.static_cache:
+            config, (batch, length) = self.config, tokens.shape
+            cache = StaticKVCache.allocate(config.num_layers, batch,
+                                           config.num_attention_heads // self.mapping.tp_size,
+                                           max(length, capacity or 0), config.head_dim, self.dtype, self.device)
         with intra_op_threads(self.threads):
-            out = self._forward(*self._inputs(tokens, position_ids, attention_mask), last_logits_only=last_only)
+            out = self._forward(*self._inputs(tokens, position_ids, attention_mask), cache,
+                                last_logits_only=last_only)
         return out.logits, out.kv_cache
 
     @torch.no_grad()
-    def decode(self, tokens, position_ids, attention_mask, cache: KVCache):
+    def decode(self, tokens, position_ids, attention_mask, cache):
+        """Extends `cache` (a static one in place) and returns it."""
         with intra_op_threads(self.threads):
             out = self._forward(*self._inputs(tokens, position_ids, attention_mask), cache)
         return out.logits, out.kv_cache
 
-    def cache_length(self, cache: KVCache) -> int:
-        return int(cache[0][0].shape[2])
+    def cache_length(self, cache) -> int:
+        return cache.length if isinstance(cache, StaticKVCache) else int(cache[0][0].shape[2])
 
-    def reorder_cache(self, cache: KVCache, index: torch.Tensor) -> KVCache:
+    def reorder_cache(self, cache, index: torch.Tensor):
         index = index.to(self.device, torch.int64)
+        if isinstance(cache, StaticKVCache):
+            cache.reorder(index)
+            return cache
         return [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache]
 
-    def cache_tensors(self, cache: KVCache) -> list[torch.Tensor]:
-        return [t for kv in cache for t in kv]
+    def cache_tensors(self, cache) -> list[torch.Tensor]:
+        return cache.tensors() if isinstance(cache, StaticKVCache) else [t for kv in cache for t in kv]
 
 
 @contextmanager
@@ -73,26 +91,27 @@ def intra_op_threads(threads: int | None):
 
 def compile(source, mapping: Mapping, spec: RunSpec, comm=None, progress=None) -> TorchExecutable:
     from glmc.checkpoint import SatCheckpoint, load_model
-    from glmc.graphs import Package
 
     check_device(spec.device)
     dtype = DTYPES[spec.dtype] if spec.dtype else _default_dtype(source, spec.device)
     with intra_op_threads(spec.threads):
         if isinstance(source, SatCheckpoint):
             model = load_model(source, mapping, dtype=dtype, device=spec.device, comm=comm)
-        elif isinstance(source, Package):
+        else:  # a package (imported only here: its reader needs onnx, a checkpoint run does not)
+            from glmc.graphs import Package
+
+            if not isinstance(source, Package):
+                raise GlmcError(f"the torch backend cannot run {type(source).__name__}")
             model = model_from_package(source, mapping, dtype, spec.device, comm)
-        else:
-            raise GlmcError(f"the torch backend cannot run {type(source).__name__}")
     return TorchExecutable(model, compiled=spec.torch_compile, threads=spec.threads)
 
 
 def _default_dtype(source, device: str) -> torch.dtype | None:
     """The source's own dtype (None), except float32 for half-precision weights on CPU: CPUs have no
     fast half matmuls, so the weights are upcast once at load. Every rank decides alike."""
-    from glmc.graphs import Package
+    from glmc.sources import is_checkpoint_source
 
-    own = DTYPES[source.dtype] if isinstance(source, Package) else source.info.float_dtype
+    own = source.info.float_dtype if is_checkpoint_source(source) else DTYPES[source.dtype]
     return torch.float32 if device.split(":")[0] == "cpu" and own in (torch.float16, torch.bfloat16) else None
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from glmc.config import GLMConfig, Mapping
+from glmc.model.kv_cache import StaticKVCache
 from glmc.model.parallel import Collectives, ParallelLinear
 from glmc.model.rotary import apply_rotary
 
@@ -22,6 +23,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads // mapping.tp_size
         self.head_dim = config.head_dim
+        self.layer_id = layer_id
         # Query-key layer scaling: q is divided by (layer_id + 1) and the FP32
         # scores multiplied back, which keeps fp16 scores in range.
         self.scaling_coeff = float(layer_id + 1)
@@ -38,7 +40,7 @@ class SelfAttention(nn.Module):
         cos: torch.Tensor,  # [b, 1, s, hd] at the position ids
         sin: torch.Tensor,
         mask: torch.Tensor,  # [b|1, 1, s, past + s] bool, True = masked
-        past: tuple[torch.Tensor, torch.Tensor] | None,  # k, v [b, heads, past, hd]
+        past: tuple[torch.Tensor, torch.Tensor] | StaticKVCache | None,  # k, v [b, heads, past, hd], or buffers
         comm: Collectives,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         b, s, _ = x.shape
@@ -46,7 +48,9 @@ class SelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in qkv.split(self.head_dim, dim=-1))  # each [b, heads, s, hd]
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        if past is not None:
+        if isinstance(past, StaticKVCache):
+            k, v = past.write(self.layer_id, k, v)  # views [b, heads, past + s, hd] of the buffers
+        elif past is not None:
             k = torch.cat((past[0], k), dim=2)  # [b, heads, past + s, hd]
             v = torch.cat((past[1], v), dim=2)
 

@@ -18,6 +18,7 @@ from torch import nn
 from glmc.config import GLMConfig, Mapping
 from glmc.errors import GlmcError
 from glmc.model.attention import SelfAttention
+from glmc.model.kv_cache import StaticKVCache
 from glmc.model.mlp import GeGLU
 from glmc.model.parallel import Collectives, SingleRank, VocabParallelEmbedding
 from glmc.model.rotary import sat_rotary_table
@@ -26,8 +27,8 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [b, heads, 
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor  # [b, s, vocab] (or [b, 1, vocab] with last_logits_only)
-    kv_cache: KVCache  # past + this call's keys (after rotary) and values
+    logits: torch.Tensor  # [b, s, vocab] (or [b, r, vocab] at `logit_positions`, [b, 1, vocab] with last_logits_only)
+    kv_cache: KVCache | StaticKVCache  # past + this call's keys (after rotary) and values
     hidden_states: tuple[torch.Tensor, ...] | None  # each layer's output [b, s, h]
 
 
@@ -95,11 +96,14 @@ class GLMModel(nn.Module):
         tokens: torch.Tensor,  # [b, s] int64
         position_ids: torch.Tensor,  # [b, s] int64
         attention_mask: torch.Tensor,  # [b|1, 1, s, past + s] bool, True = masked
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | StaticKVCache | None = None,
         *,
         output_hidden_states: bool = False,
         last_logits_only: bool = False,
+        logit_positions: torch.Tensor | None = None,  # [r] int64: the positions whose logits to compute
     ) -> ModelOutput:
+        """A static cache is extended in place (and returned); a list of (k, v) is not touched:
+        the returned one holds past and new keys and values."""
         comm = self.comm
         if comm is None:
             raise GlmcError(f"rank {self.mapping.rank} of a TP-{self.mapping.tp_size} model needs "
@@ -109,16 +113,24 @@ class GLMModel(nn.Module):
             x = _ScaleGradient.apply(x, self.embedding_grad_scale)
         cos = F.embedding(position_ids, self.rotary_cos).unsqueeze(1)  # [b, 1, s, hd]
         sin = F.embedding(position_ids, self.rotary_sin).unsqueeze(1)
+        static = isinstance(kv_cache, StaticKVCache)
+        if static:
+            kv_cache.reserve(kv_cache.length + tokens.shape[1])
         new_cache: KVCache = []
         hidden_states = []
         for i, layer in enumerate(self.layers):
-            past = kv_cache[i] if kv_cache is not None else None
+            past = kv_cache if static else kv_cache[i] if kv_cache is not None else None
             x, kv = layer(x, cos, sin, attention_mask, past, comm)
             new_cache.append(kv)
             if output_hidden_states:
                 hidden_states.append(x)
-        if last_logits_only:
+        if static:
+            kv_cache.advance(tokens.shape[1])
+        if logit_positions is not None:
+            x = x.index_select(1, logit_positions)
+        elif last_logits_only:
             x = x[:, -1:]
         x = self.final_layernorm(x)
         logits = comm.all_gather_last(F.linear(x, self.word_embeddings.weight))
-        return ModelOutput(logits, new_cache, tuple(hidden_states) if output_hidden_states else None)
+        return ModelOutput(logits, kv_cache if static else new_cache,
+                           tuple(hidden_states) if output_hidden_states else None)
