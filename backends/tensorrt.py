@@ -1,6 +1,6 @@
 """The TensorRT backend: a `--target tensorrt` package's graphs built into TensorRT engines, per rank.
 
-Per rank and graph (prefill, decode), TensorRT's ONNX parser reads the graph into a
+Per rank, TensorRT's ONNX parser reads the step graph (prefill and decode in one) into a
 strongly typed network, so every tensor keeps the graph's dtype and the FP32 casts
 around each softmax hold. The rank's weights are handed to the parser from the
 package's own weights file (`load_initializer` on views of it; an older parser reads
@@ -166,28 +166,23 @@ class Limits:
 
 
 def profile_shapes(kind: str, config: GLMConfig, tp_size: int, limits: Limits) -> dict[str, ShapeRange]:
-    """min/opt/max of every input of graph `kind` ("prefill" or "decode") of a rank.
+    """min/opt/max of every input of a rank's `step` graph (glmc.graphs.trace).
 
-    prefill: tokens, position_ids [batch, context]; attention_mask [batch, 1, context, context].
-    decode: tokens, position_ids [batch, new]; attention_mask [batch, 1, new, past + new];
-    past_key_i, past_value_i [batch, heads / tp, past, head_dim]. The decode graph also serves
-    prefills that want every position's logits (an empty past, up to every position new), so
-    `new` spans 1..positions and `past` 0..positions - 1; past + new never exceeds positions.
+    tokens, position_ids [batch, new]; attention_mask [batch, 1, new, past + new];
+    logit_positions [rows]; past_key_i, past_value_i [batch, heads / tp, past, head_dim].
+    One graph serves prefills (an empty past, up to every position new) and decode steps,
+    so `new` spans 1..positions and `past` 0..positions - 1 (past + new never exceeds the
+    positions); the optimisation point is a decode step halfway through the positions.
     """
-    b, p = limits.max_batch, limits.positions
-    ob = limits.opt_batch
-    if kind == "prefill":
-        oc = limits.opt_context
-        ids = ShapeRange((1, 1), (ob, oc), (b, p))
-        return {"tokens": ids, "position_ids": ids,
-                "attention_mask": ShapeRange((1, 1, 1, 1), (ob, 1, oc, oc), (b, 1, p, p))}
-    if kind != "decode":
+    if kind != "step":
         raise ValueError(f"unknown graph kind {kind!r}")
-    op = limits.opt_past
+    b, p = limits.max_batch, limits.positions
+    ob, op = limits.opt_batch, limits.opt_past
     heads, head_dim = config.num_attention_heads // tp_size, config.head_dim
     ids = ShapeRange((1, 1), (ob, 1), (b, p))
     shapes = {"tokens": ids, "position_ids": ids,
-              "attention_mask": ShapeRange((1, 1, 1, 1), (ob, 1, 1, op + 1), (b, 1, p, p))}
+              "attention_mask": ShapeRange((1, 1, 1, 1), (ob, 1, 1, op + 1), (b, 1, p, p)),
+              "logit_positions": ShapeRange((1,), (1,), (p,))}
     past = ShapeRange((1, heads, 0, head_dim), (ob, heads, op, head_dim), (b, heads, p - 1, head_dim))
     for i in range(config.num_layers):
         shapes[f"past_key_{i}"] = past
@@ -295,13 +290,17 @@ def lower_all_reduces(model: onnx.ModelProto) -> onnx.ModelProto:
     return lowered
 
 
+INDEX_INPUTS = ("logit_positions",)  # graph inputs holding a few indices, not activations
+
+
 def _shape_only_values(model: onnx.ModelProto) -> set[str]:
-    """Values computed from the graph inputs' shapes and constants only (the exporter's shape
-    arithmetic): cheap to recompute in every segment that needs them."""
+    """Values computed from the graph inputs' shapes, constants and the index inputs only (the
+    exporter's shape arithmetic, the logit positions' reshaping): cheap to recompute in every
+    segment that needs them."""
     graph = model.graph
     inputs = {v.name for v in graph.input}
     constant = {init.name for init in graph.initializer}
-    found: set[str] = set()
+    found: set[str] = {name for name in INDEX_INPUTS if name in inputs}
     for node in graph.node:  # topologically sorted
         if node.op_type in ("Shape", "Size") and node.domain == "" and node.input and node.input[0] in inputs:
             found.update(node.output)
@@ -812,23 +811,26 @@ class TensorRTExecutable:
         logits = self.comm.all_gather_last(values["logits"])
         return logits, [values[name] for name in self._cache_outputs]
 
-    def _inputs(self, tokens, position_ids, attention_mask) -> dict[str, torch.Tensor]:
+    def _inputs(self, tokens, position_ids, attention_mask, logit_positions) -> dict[str, torch.Tensor]:
         return {"tokens": tokens.to(self.device, torch.int64),
                 "position_ids": position_ids.to(self.device, torch.int64),
-                "attention_mask": attention_mask.to(self.device, torch.bool)}
+                "attention_mask": attention_mask.to(self.device, torch.bool),
+                "logit_positions": logit_positions.to(self.device, torch.int64)}
 
     @torch.no_grad()
-    def prefill(self, tokens, position_ids, attention_mask, *, last_only: bool = True):
-        if last_only:
-            return self._run("prefill", self._inputs(tokens, position_ids, attention_mask))
-        # Every position's logits: the decode graph over an empty past.
+    def prefill(self, tokens, position_ids, attention_mask, *, last_only: bool = True, capacity: int | None = None):
+        """The step graph over an empty past (`capacity` is a hint the concatenating graph does not need)."""
         heads = self.config.num_attention_heads // self.mapping.tp_size
         empty = torch.zeros(tokens.shape[0], heads, 0, self.config.head_dim, dtype=self.dtype, device=self.device)
-        return self._run("decode", self._inputs(tokens, position_ids, attention_mask), [empty] * len(self._cache_inputs))
+        length = tokens.shape[1]
+        positions = torch.tensor([length - 1]) if last_only else torch.arange(length)
+        return self._run("step", self._inputs(tokens, position_ids, attention_mask, positions),
+                         [empty] * len(self._cache_inputs))
 
     @torch.no_grad()
     def decode(self, tokens, position_ids, attention_mask, cache):
-        return self._run("decode", self._inputs(tokens, position_ids, attention_mask), cache)
+        positions = torch.arange(tokens.shape[1])
+        return self._run("step", self._inputs(tokens, position_ids, attention_mask, positions), cache)
 
     def cache_length(self, cache) -> int:
         return int(cache[0].shape[2])

@@ -270,21 +270,21 @@ def open_model(spec: RunSpec, *, tokenizer: str | os.PathLike | None = None, tok
     Under torchrun (`spawn=False`) this process is rank 0 and meets the others at `rendezvous`.
     `progress` receives one line per step of a long preparation (a TensorRT engine build).
     """
-    from glmc.graphs import Package
+    from glmc.sources import is_checkpoint_source
 
     # Before anything is exported or started: the backend's own needs, then the devices.
     info = backends.check_spec(spec)
     check_device(spec.device, spec.tp_size if spawn else 1)
     if spec.source is None and spec.backend != "torch":
         package = exported_default(spec.cache_path, spec.dtype or "float32", target=info.package_target or "onnxruntime",
-                                   tp_size=spec.tp_size)
+                                   tp_size=spec.tp_size, progress=progress)
         spec = replace(spec, source=str(package))
     source = open_source(spec.source, model_config or spec.config)
     cluster = None
     if spec.tp_size > 1:
         from glmc.runtime.launch import Cluster
 
-        if isinstance(source, Package) and source.tp_size != spec.tp_size:
+        if not is_checkpoint_source(source) and source.tp_size != spec.tp_size:
             raise GlmcError(f"{source.root}: exported for TP {source.tp_size}, asked to run at TP {spec.tp_size}")
         source.config.check_mapping(Mapping(spec.tp_size, 0))
         cluster = Cluster(replace(spec, source=str(source.root)), on_failure, spawn=spawn, rendezvous=rendezvous,
@@ -292,7 +292,7 @@ def open_model(spec: RunSpec, *, tokenizer: str | os.PathLike | None = None, tok
         executable = cluster.executable
     else:
         executable = backends.open_rank(spec, Mapping(), source=source, progress=progress)
-    if isinstance(source, Package):
+    if not is_checkpoint_source(source):
         tok, metadata = resolve_package_tokenizer(source, tokenizer, tokenizer_variant), source.manifest
     else:
         tok, metadata = resolve_tokenizer(source, tokenizer, tokenizer_variant), source.metadata
@@ -337,10 +337,11 @@ def export(
 
 
 def exported_default(cache_dir: Path, dtype: str, target: str = "onnxruntime", wait_seconds: float = 0,
-                     tp_size: int = 1) -> Path:
+                     tp_size: int = 1, progress: Callable[[str], None] | None = None) -> Path:
     """The embedded model's package for `target` at TP `tp_size`, exported once into `cache_dir`.
 
     With `wait_seconds`, wait that long for another process (rank 0) to export it instead.
+    `progress` hears that the export happens, and how long it took (it happens once).
     """
     from glmc import __version__
     from glmc.errors import GlmcError
@@ -362,8 +363,15 @@ def exported_default(cache_dir: Path, dtype: str, target: str = "onnxruntime", w
             time.sleep(0.5)
     if wait_seconds:
         raise GlmcError(f"{path}: rank 0 did not export the embedded model within {wait_seconds:.0f} s")
+    if progress:
+        progress(f"exporting the embedded model for {target} ({dtype}, TP {tp_size}) into {path}, once: "
+                 "later runs reuse it")
+    started = time.monotonic()
     try:
-        return export(None, path, dtype=dtype, target=target, tp_size=tp_size, overwrite=True)
+        exported = export(None, path, dtype=dtype, target=target, tp_size=tp_size, overwrite=True)
+        if progress:
+            progress(f"exported in {time.monotonic() - started:.1f} s")
+        return exported
     except OSError as error:
         raise GlmcError(f"cannot write the exported default model to {cache_dir}: {error.strerror or error}") from None
 

@@ -8,13 +8,19 @@ from pathlib import Path
 from glmc.config import GLMConfig, from_name
 
 EMBEDDED_DEFAULT = Path(__file__).parent / "embedded" / "default"
+MANIFEST = "manifest.json"  # what makes a folder a compiled package (glmc.graphs.seal reads it)
 
 
 def is_package(root: Path) -> bool:
-    """A package, whole or damaged (opening it says which)."""
-    from glmc.graphs.package import MANIFEST
-
+    """A package, whole or damaged (opening it says which). Decided without importing the
+    package reader, which needs onnx: a torch run on a checkpoint never loads it."""
     return (root / MANIFEST).is_file() or (root / "rank0").is_dir()
+
+
+def is_checkpoint_source(source) -> bool:
+    from glmc.checkpoint import SatCheckpoint
+
+    return isinstance(source, SatCheckpoint)
 
 
 def open_source(path: str | os.PathLike | None, config: str | GLMConfig | None = None):

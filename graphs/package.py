@@ -2,9 +2,8 @@
 
     PACKAGE/manifest.json            what is inside, how it was made, size and sha256 of every file
     PACKAGE/tokenizer/ice_text.model (when the source has one)
-    PACKAGE/rank0/prefill.onnx       graphs of rank 0, weights as external data in ...
-    PACKAGE/rank0/decode.onnx
-    PACKAGE/rank0/weights.bin        ... one file, shared by both graphs, tensors 4 KiB-aligned
+    PACKAGE/rank0/step.onnx          the graph of rank 0 (see glmc.graphs.trace), weights as external data in ...
+    PACKAGE/rank0/weights.bin        ... one file, tensors 4 KiB-aligned
     PACKAGE/rank1/...
 
 A package appears only once complete (written to a temporary folder, then
@@ -33,10 +32,9 @@ import torch
 from glmc import __version__
 from glmc.config import GLMConfig, Mapping
 from glmc.fileio import atomic_directory, read_json, sha256_of, write_text_atomic
-from glmc.graphs.seal import (ALIGNMENT, FORMAT, FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, PackageError,
-                              check_files, check_graph, check_manifest)
-from glmc.graphs.trace import GRAPHS, ExportError, export_graph
-from glmc.passes.attention_3d import ungroup_columns
+from glmc.graphs.seal import (ALIGNMENT, FORMAT, FORMAT_VERSION, GRAPHS, MAX_MANIFEST_BYTES, PackageError, check_files,
+                              check_graph, check_manifest)
+from glmc.sources import MANIFEST
 
 WEIGHTS = "weights.bin"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -78,6 +76,8 @@ def write_weights(models: list[ir.Model], path: Path, model_tensors: set[str]) -
                 if value.name in external:
                     known = table[value.name]
                     if known["dtype"] != tensor.dtype.name or known["shape"] != list(tensor.shape):
+                        from glmc.graphs.trace import ExportError
+
                         raise ExportError(f"graphs of one rank disagree on weight {value.name}")
                     value.const_value = external[value.name]
                     continue
@@ -103,16 +103,19 @@ STORAGE_FORMS = (("",), (TRANSPOSED,), (GROUPED,), (TRANSPOSED, GROUPED))
 
 
 def weight_map(state_names: list[str], table: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Reference-model parameter -> the initializer that stores it, and the transforms applied."""
+    """Reference-model parameter -> the initializer that stores it and the transforms applied,
+    and under "also" any further storage form of it (the ONNX Runtime target keeps the tied
+    embedding as rows and transposed)."""
     out = {}
     for name in state_names:
-        for suffixes in STORAGE_FORMS:
-            if name + "".join(suffixes) in table:
-                out[name] = {"initializer": name + "".join(suffixes),
-                             "transforms": [{TRANSPOSED: "transpose", GROUPED: "group_qkv"}[s] for s in suffixes if s]}
-                break
-        else:
+        forms = [{"initializer": name + "".join(suffixes),
+                  "transforms": [{TRANSPOSED: "transpose", GROUPED: "group_qkv"}[s] for s in suffixes if s]}
+                 for suffixes in STORAGE_FORMS if name + "".join(suffixes) in table]
+        if not forms:
+            from glmc.graphs.trace import ExportError
+
             raise ExportError(f"parameter {name} is stored in no graph of the rank")
+        out[name] = dict(forms[0], also=forms[1:]) if len(forms) > 1 else forms[0]
     return out
 
 
@@ -179,6 +182,7 @@ def write_package(
 def _write_rank(ckpt, mapping: Mapping, dtype: torch.dtype, target, tmp: Path, progress: Progress | None):
     """Trace, optimise and write one rank; nothing of it stays referenced once this returns."""
     from glmc.checkpoint import load_model
+    from glmc.graphs.trace import export_graph
     from glmc.passes import optimize
 
     rank = mapping.rank
@@ -256,6 +260,11 @@ class Package:
     def target(self) -> str:
         return self.manifest["target"]["name"]
 
+    @property
+    def static_kv_cache(self) -> bool:
+        """Whether the graphs write the KV cache in place (buffers bound as past and present)."""
+        return bool(self.manifest["target"].get("static_kv_cache"))
+
     def graph_path(self, rank: int, kind: str) -> Path:
         return self.root / self.manifest["ranks"][rank]["graphs"][kind]
 
@@ -281,6 +290,8 @@ class Package:
 
     def state_dict(self, rank: int) -> dict[str, torch.Tensor]:
         """The reference model's parameters of `rank`, as the graphs store them, un-transposed."""
+        from glmc.passes.attention_3d import ungroup_columns
+
         data = np.memmap(self.weights_path(rank), dtype=np.uint8, mode="r")
         state = {}
         heads = self.config.num_attention_heads // self.tp_size

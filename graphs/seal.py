@@ -31,10 +31,10 @@ import onnx
 from glmc.config import GLMConfig, Mapping
 from glmc.errors import GlmcError
 from glmc.fileio import finite_number, sha256_of
-from glmc.graphs.trace import GRAPHS
+from glmc.sources import MANIFEST
 
-FORMAT, FORMAT_VERSION = "glmc-package", 1
-MANIFEST = "manifest.json"
+FORMAT, FORMAT_VERSION = "glmc-package", 2  # 2: one step graph per rank (1 had prefill and decode)
+GRAPHS = ("step",)  # the graphs of every rank (glmc.graphs.trace makes them)
 ALIGNMENT = 4096  # page-aligned tensors can be memory-mapped in place
 # Package dtype -> the ONNX element type of its tensors, and that type's size in bytes.
 TENSOR_DTYPES = {"float32": ("FLOAT", 4), "float16": ("FLOAT16", 2), "bfloat16": ("BFLOAT16", 2)}
@@ -359,25 +359,34 @@ def _check_parameters(c: _Checker, where: str, value: Any, tensors: dict, config
         if name not in expected:
             c.fail(at, "not a parameter of the model")
         entry = c.obj(entry, at)
-        initializer = c.get(entry, "initializer", at)
-        if not isinstance(initializer, str) or initializer not in tensors:
-            c.fail(f"{at}.initializer", f"{show(initializer)} is not in the rank's tensor table")
-        transforms = c.get(entry, "transforms", at)
-        if transforms not in TRANSFORMS:
-            c.fail(f"{at}.transforms", f"expected one of {show(TRANSFORMS)}, got {_kind(transforms)}")
-        if "group_qkv" in transforms and not name.endswith(("query_key_value.weight", "query_key_value.bias")):
-            c.fail(f"{at}.transforms", "only the QKV projection has grouped columns")
-        if initializer in used:
-            c.fail(f"{at}.initializer", f"{show(initializer)} already stores another parameter")
-        shape = list(expected[name].shape)
-        stored = shape[::-1] if "transpose" in transforms else shape
-        if "transpose" in transforms and len(shape) != 2:
-            c.fail(f"{at}.transforms", "only matrices are stored transposed")
-        if tensors[initializer]["shape"] != stored:
-            c.fail(f"{at}.initializer", f"tensor {show(initializer)} has shape {tensors[initializer]['shape']}, "
-                                        f"the model's parameter stored this way has {stored}")
-        used.add(initializer)
+        forms = [entry] + [c.obj(extra, f"{at}.also[{i}]")
+                           for i, extra in enumerate(c.array(entry.get("also", []), f"{at}.also"))]
+        for i, form in enumerate(forms):
+            _check_storage_form(c, at if i == 0 else f"{at}.also[{i - 1}]", name, form, tensors,
+                                list(expected[name].shape), used)
     return used
+
+
+def _check_storage_form(c: _Checker, at: str, name: str, form: dict, tensors: dict, shape: list[int],
+                        used: set[str]) -> None:
+    """One tensor storing parameter `name` (of `shape`), transformed as `form` says."""
+    initializer = c.get(form, "initializer", at)
+    if not isinstance(initializer, str) or initializer not in tensors:
+        c.fail(f"{at}.initializer", f"{show(initializer)} is not in the rank's tensor table")
+    transforms = c.get(form, "transforms", at)
+    if transforms not in TRANSFORMS:
+        c.fail(f"{at}.transforms", f"expected one of {show(TRANSFORMS)}, got {_kind(transforms)}")
+    if "group_qkv" in transforms and not name.endswith(("query_key_value.weight", "query_key_value.bias")):
+        c.fail(f"{at}.transforms", "only the QKV projection has grouped columns")
+    if initializer in used:
+        c.fail(f"{at}.initializer", f"{show(initializer)} already stores another parameter")
+    stored = shape[::-1] if "transpose" in transforms else shape
+    if "transpose" in transforms and len(shape) != 2:
+        c.fail(f"{at}.transforms", "only matrices are stored transposed")
+    if tensors[initializer]["shape"] != stored:
+        c.fail(f"{at}.initializer", f"tensor {show(initializer)} has shape {tensors[initializer]['shape']}, "
+                                    f"the model's parameter stored this way has {stored}")
+    used.add(initializer)
 
 
 def check_files(root: Path, manifest: dict, full: bool) -> None:

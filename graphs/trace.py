@@ -1,16 +1,19 @@
 """Trace one tensor-parallel rank of the reference model into ONNX graphs.
 
-Two graphs per rank, both with dynamic batch and sequence axes:
+One graph per rank, with dynamic batch, sequence, past and logit axes, serves every
+call (one graph: one ONNX Runtime session or TensorRT engine, so each weight is
+held once):
 
-* prefill: tokens, position_ids, attention_mask [b, 1, s, s] ->
-  logits of the last position [b, 1, vocab / tp], present_key_i / present_value_i [b, heads / tp, s, hd]
-* decode: the same plus past_key_i / past_value_i [b, heads / tp, past, hd], mask
-  [b, 1, s, past + s] -> logits of every new position [b, s, vocab / tp], present K/V [.., past + s, ..]
+* step: tokens, position_ids [b, s], attention_mask [b, 1, s, past + s],
+  logit_positions [r] (which of the s positions get logits: the last for a prefill,
+  all for full-logit calls), past_key_i / past_value_i [b, heads / tp, past, hd]
+  (an empty past for a prefill) -> logits [b, r, vocab / tp], present_key_i /
+  present_value_i [b, heads / tp, past + s, hd].
 
-The decode graph takes any number of new tokens and an empty past, so it also
-serves full-logit calls. Logits stay vocab-parallel: rank r holds vocabulary
-rows [r * V / tp, (r + 1) * V / tp); the runtime gathers them. Masks follow SAT:
-boolean, True = masked out.
+This is the graph as traced, with a concatenated cache; passes may turn it into one
+that writes a static cache in place (passes/static_kv_cache). Logits stay
+vocab-parallel: rank r holds vocabulary rows [r * V / tp, (r + 1) * V / tp); the
+runtime gathers them. Masks follow SAT: boolean, True = masked out.
 """
 
 from __future__ import annotations
@@ -26,8 +29,7 @@ from glmc.errors import GlmcError
 from glmc.model import GLMModel
 from glmc.model.parallel import SingleRank
 from glmc.graphs.ops import ExportCollectives, all_reduce, onnx_all_reduce
-
-GRAPHS = ("prefill", "decode")
+from glmc.graphs.seal import GRAPHS  # the package format says which graphs a rank holds
 _PARAMETER_PREFIX = "model."
 
 
@@ -35,31 +37,20 @@ class ExportError(GlmcError):
     """The traced graph would not serve every shape the runtime uses."""
 
 
-class PrefillGraph(nn.Module):
+class StepGraph(nn.Module):
     def __init__(self, model: GLMModel):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, position_ids, attention_mask):
-        out = self.model(tokens, position_ids, attention_mask, last_logits_only=True)
+    def forward(self, tokens, position_ids, attention_mask, logit_positions, past_keys, past_values):
+        out = self.model(tokens, position_ids, attention_mask, list(zip(past_keys, past_values)),
+                         logit_positions=logit_positions)
         return (out.logits, *(k for k, _ in out.kv_cache), *(v for _, v in out.kv_cache))
 
 
-class DecodeGraph(nn.Module):
-    def __init__(self, model: GLMModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens, position_ids, attention_mask, past_keys, past_values):
-        out = self.model(tokens, position_ids, attention_mask, list(zip(past_keys, past_values)))
-        return (out.logits, *(k for k, _ in out.kv_cache), *(v for _, v in out.kv_cache))
-
-
-def input_names(kind: str, num_layers: int) -> list[str]:
-    names = ["tokens", "position_ids", "attention_mask"]
-    if kind == "decode":
-        names += [f"past_key_{i}" for i in range(num_layers)] + [f"past_value_{i}" for i in range(num_layers)]
-    return names
+def input_names(num_layers: int) -> list[str]:
+    return (["tokens", "position_ids", "attention_mask", "logit_positions"]
+            + [f"past_key_{i}" for i in range(num_layers)] + [f"past_value_{i}" for i in range(num_layers)])
 
 
 def output_names(num_layers: int) -> list[str]:
@@ -67,35 +58,30 @@ def output_names(num_layers: int) -> list[str]:
             + [f"present_value_{i}" for i in range(num_layers)])
 
 
-def _sample_inputs(model: GLMModel, kind: str):
+def _sample_inputs(model: GLMModel):
     # Sizes of at least 2 everywhere, so that torch.export does not specialise them.
     batch, seq, past = 2, 3, 4
     heads, hd = model.config.num_attention_heads // model.mapping.tp_size, model.config.head_dim
     tokens = torch.zeros(batch, seq, dtype=torch.long)
-    positions = torch.arange(seq).repeat(batch, 1)
-    if kind == "prefill":
-        return (tokens, positions, torch.zeros(batch, 1, seq, seq, dtype=torch.bool))
+    positions = torch.arange(seq).repeat(batch, 1) + past
     pasts = [torch.zeros(batch, heads, past, hd, dtype=model.dtype) for _ in range(model.config.num_layers)]
     mask = torch.zeros(batch, 1, seq, past + seq, dtype=torch.bool)
-    return (tokens, positions + past, mask, pasts, [p.clone() for p in pasts])
+    return (tokens, positions, mask, torch.arange(1, seq), pasts, [p.clone() for p in pasts])
 
 
-def _dynamic_shapes(kind: str, num_layers: int):
+def _dynamic_shapes(num_layers: int):
     dyn = torch.export.Dim.DYNAMIC
-    shapes = {"tokens": {0: dyn, 1: dyn}, "position_ids": {0: dyn, 1: dyn},
-              "attention_mask": {0: dyn, 2: dyn, 3: dyn}}
-    if kind == "decode":
-        shapes["past_keys"] = [{0: dyn, 2: dyn}] * num_layers
-        shapes["past_values"] = [{0: dyn, 2: dyn}] * num_layers
-    return shapes
+    return {"tokens": {0: dyn, 1: dyn}, "position_ids": {0: dyn, 1: dyn},
+            "attention_mask": {0: dyn, 2: dyn, 3: dyn}, "logit_positions": {0: dyn},
+            "past_keys": [{0: dyn, 2: dyn}] * num_layers, "past_values": [{0: dyn, 2: dyn}] * num_layers}
 
 
-def export_graph(model: GLMModel, kind: str) -> ir.Model:
+def export_graph(model: GLMModel, kind: str = "step") -> ir.Model:
     """The unoptimised ONNX graph (opset 23) of `kind` for the rank `model` holds."""
     if kind not in GRAPHS:
         raise ValueError(kind)
     num_layers = model.config.num_layers
-    wrapper = (PrefillGraph if kind == "prefill" else DecodeGraph)(model).eval()
+    wrapper = StepGraph(model).eval()
     comm = model.comm
     model.comm = ExportCollectives() if model.mapping.tp_size > 1 else SingleRank()
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -105,9 +91,9 @@ def export_graph(model: GLMModel, kind: str) -> ir.Model:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                wrapper, _sample_inputs(model, kind), dynamo=True, opset_version=23, optimize=False,
-                input_names=input_names(kind, num_layers), output_names=output_names(num_layers),
-                dynamic_shapes=_dynamic_shapes(kind, num_layers), verbose=False,
+                wrapper, _sample_inputs(model), dynamo=True, opset_version=23, optimize=False,
+                input_names=input_names(num_layers), output_names=output_names(num_layers),
+                dynamic_shapes=_dynamic_shapes(num_layers), verbose=False,
                 custom_translation_table={all_reduce._opoverload: onnx_all_reduce},
             )
     finally:
@@ -123,7 +109,22 @@ def export_graph(model: GLMModel, kind: str) -> ir.Model:
             value.name = value.name[len(_PARAMETER_PREFIX):]
             onnx_model.graph.initializers[value.name] = value
     onnx_model.graph.name = f"glm_{kind}"
+    _type_shape_ops(onnx_model.graph)
     return onnx_model
+
+
+_KEEPS_TYPE = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Identity", "Expand", "Slice", "Gather"}
+
+
+def _type_shape_ops(graph: ir.Graph) -> None:
+    """Give the outputs of data-movement ops their input's dtype where the exporter left it unset
+    (the logit positions' Reshape), so that passes checking dtypes know every value's."""
+    for node in graph:  # topologically sorted: inputs are typed first
+        if node.op_type in _KEEPS_TYPE and node.domain == "" and node.inputs and node.inputs[0] is not None:
+            source = node.inputs[0]
+            for out in node.outputs:
+                if out.dtype is None and source.dtype is not None:
+                    out.type = ir.TensorType(source.dtype)
 
 
 def _check_ranges(program, kind: str) -> None:

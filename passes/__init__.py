@@ -15,6 +15,7 @@ from glmc.passes import (
     fuse_geglu,
     fuse_rotary,
     prepack_weights,
+    static_kv_cache,
     tensorrt_ops,
 )
 from glmc.passes.base import TARGETS, PassOutcome, Target, target_named
@@ -29,11 +30,13 @@ from glmc.passes.base import TARGETS, PassOutcome, Target, target_named
 # 5. GeGLU is independent of all three.
 # 6. fp32_softmax after the fusions, so it sees what remains of Softmax and the new
 #    Attention nodes alike.
-# 7. cleanup again drops what the fusions left unused and merges repeated nodes.
-# 8. tensorrt_ops last, on the graph as it will be written: a guard (tensorrt target only)
+# 7. static_kv_cache after fp32_softmax: it takes the fused Attention (3-D, FP32 softmax)
+#    to GroupQueryAttention writing the cache in place.
+# 8. cleanup again drops what the fusions left unused and merges repeated nodes.
+# 9. tensorrt_ops last, on the graph as it will be written: a guard (tensorrt target only)
 #    that TensorRT's ONNX parser takes every node.
-PIPELINE = (prepack_weights, cleanup, fuse_rotary, fuse_attention, attention_3d, fuse_geglu, fp32_softmax, cleanup,
-            tensorrt_ops)
+PIPELINE = (prepack_weights, cleanup, fuse_rotary, fuse_attention, attention_3d, fuse_geglu, fp32_softmax,
+            static_kv_cache, cleanup, tensorrt_ops)
 
 
 def optimize(model: ir.Model, target: Target | str) -> tuple[ir.Model, dict[str, int], dict[str, list[str]]]:

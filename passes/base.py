@@ -19,6 +19,7 @@ class Target:
     fused_rotary: bool  # opset-23 RotaryEmbedding
     geglu_function: bool  # GeGLU as a glmc local function (a backend that inlines functions)
     microsoft_ops: bool  # com.microsoft contrib ops
+    static_kv_cache: bool  # KV buffers written in place (GroupQueryAttention), not concatenated
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -27,14 +28,14 @@ class Target:
 TARGETS: dict[str, Target] = {
     # ONNX Runtime runs opset-23 Attention (past K/V, softmax_precision) and RotaryEmbedding.
     "onnxruntime": Target("onnxruntime", fused_attention=True, fused_rotary=True, geglu_function=True,
-                          microsoft_ops=True),
+                          microsoft_ops=True, static_kv_cache=True),
     # TensorRT fuses attention written in primitives itself; its support of opset-23
     # Attention/RotaryEmbedding is recent and reported fragile, and it has no com.microsoft ops.
     "tensorrt": Target("tensorrt", fused_attention=False, fused_rotary=False, geglu_function=False,
-                       microsoft_ops=False),
+                       microsoft_ops=False, static_kv_cache=False),
     # No fusion at all: the baseline the benchmarks compare the fused graphs with.
     "unfused": Target("unfused", fused_attention=False, fused_rotary=False, geglu_function=False,
-                      microsoft_ops=False),
+                      microsoft_ops=False, static_kv_cache=False),
 }
 
 

@@ -14,6 +14,7 @@ each run works on fresh copies of them.
 from __future__ import annotations
 
 import copy
+import re
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
@@ -41,11 +42,31 @@ def run(model: ir.Model, target: Target) -> PassOutcome:
         common.RemoveUnusedNodesPass()(model)
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     # Equal small constants become one initializer, so that CSE can merge the nodes reading
-    # them (the shape arithmetic each layer repeats); weights are above the size limit.
-    common.DeduplicateInitializersPass(size_limit=_INPUT_LIMIT)(model)
+    # them (the shape arithmetic each layer repeats).
+    deduplicate_constants(model.graph)
     common.CommonSubexpressionEliminationPass()(model)
     common.RemoveUnusedNodesPass()(model)
     common.RemoveUnusedFunctionsPass()(model)
     common.RemoveUnusedOpsetsPass()(model)
     after = sum(1 for _ in model.graph.all_nodes())
     return PassOutcome(NAME, count=max(before - after, 0))
+
+
+_EXPORTER_CONSTANT = re.compile(r"^val_\d+$")  # how torch.onnx names the constants it creates
+
+
+def deduplicate_constants(graph: ir.Graph) -> None:
+    """Merge equal small constants of the exporter's. Never a model parameter, however small
+    and whatever its value: a freshly initialised LayerNorm's weight equals every other one,
+    and each must stay under its own name for the package's parameter map."""
+    seen: dict[tuple, ir.Value] = {}
+    for value in tuple(graph.initializers.values()):
+        tensor = value.const_value
+        if tensor is None or not _EXPORTER_CONSTANT.match(value.name or "") or tensor.size > _INPUT_LIMIT:
+            continue
+        key = (tensor.dtype, tuple(tensor.shape), tensor.tobytes())
+        if key in seen:
+            value.replace_all_uses_with(seen[key])
+            graph.initializers.pop(value.name)
+        else:
+            seen[key] = value

@@ -28,6 +28,8 @@ def softmax_dtypes(model: ir.Model) -> list[str]:
         elif node.op_type == "Attention" and node.domain == "":
             precision = node.attributes.get("softmax_precision")
             out.append(ir.DataType(precision.as_int()).name if precision is not None else "DEFAULT")
+        elif node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft":
+            out.append("FLOAT")  # its softmax is FP32 on CPU and CUDA whatever the dtype
     return out
 
 

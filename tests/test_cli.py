@@ -173,7 +173,10 @@ def test_run_onnxruntime_exports_the_default_model_once(tmp_path):
     first = glmc(*args)
     assert first.returncode == 0, first.stderr
     (package,) = (tmp_path / "cache").iterdir()
+    # The first run says what it does and what it cost; the next says nothing of it.
+    assert "exporting the embedded model for onnxruntime" in first.stderr and "exported in " in first.stderr
     again = glmc(*args)
+    assert "exporting" not in again.stderr
     assert json.loads(again.stdout)["token_ids"] == json.loads(first.stdout)["token_ids"]
     assert list((tmp_path / "cache").iterdir()) == [package]  # reused, not exported again
     torch_run = glmc(*[a for a in args if a not in ("--backend", "onnxruntime")])

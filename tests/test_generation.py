@@ -85,7 +85,7 @@ class _Recompute:
         self.model = model
 
     @torch.no_grad()
-    def prefill(self, tokens, position_ids, attention_mask, *, last_only=True):
+    def prefill(self, tokens, position_ids, attention_mask, *, last_only=True, capacity=None):
         logits = self.model(tokens, position_ids, attention_mask, last_logits_only=last_only).logits
         return logits, (tokens, position_ids, attention_mask)
 

@@ -25,11 +25,12 @@ from tolerances import assert_close
 def test_layout_and_manifest(tiny_package, tiny_checkpoint):
     package = Package.open(tiny_package, verify="full")
     manifest = package.manifest
-    assert sorted(p.name for p in (tiny_package / "rank0").iterdir()) == ["decode.onnx", "prefill.onnx", "weights.bin"]
+    assert sorted(p.name for p in (tiny_package / "rank0").iterdir()) == ["step.onnx", "weights.bin"]
     assert manifest["format"] == "glmc-package" and manifest["tp_size"] == 1 and manifest["dtype"] == "float32"
     assert manifest["target"]["name"] == "onnxruntime" and manifest["config"]["num_layers"] == 3
     assert manifest["source"]["iteration"] == "1000" and manifest["special_tokens"]["[MASK]"] == 1000
-    assert set(manifest["files"]) == {"rank0/decode.onnx", "rank0/prefill.onnx", "rank0/weights.bin"}
+    assert set(manifest["files"]) == {"rank0/step.onnx", "rank0/weights.bin"}
+    assert manifest["format_version"] == 2 and manifest["target"]["static_kv_cache"] is True
     for name, entry in manifest["files"].items():
         assert (tiny_package / name).stat().st_size == entry["bytes"] and len(entry["sha256"]) == 64
 
@@ -39,11 +40,10 @@ def test_weights_are_stored_once_and_shared(tiny_package, tiny_model):
     weights = tiny_package / "rank0" / "weights.bin"
     parameter_bytes = sum(p.numel() * 4 for p in tiny_model.parameters())
     assert parameter_bytes <= weights.stat().st_size < 1.5 * parameter_bytes  # once, plus alignment
-    for kind in ("prefill", "decode"):
-        proto = onnx.load(str(package.graph_path(0, kind)), load_external_data=False)
-        external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-        assert external and all({e.key: e.value for e in t.external_data}["location"] == "weights.bin"
-                                for t in external)
+    proto = onnx.load(str(package.graph_path(0, "step")), load_external_data=False)
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and all({e.key: e.value for e in t.external_data}["location"] == "weights.bin"
+                            for t in external)
     state = package.state_dict(0)  # un-transposed, bit-exact
     for name, tensor in tiny_model.state_dict().items():
         if not name.startswith("rotary"):
@@ -57,28 +57,27 @@ def test_fused_graphs_pass_the_full_checker(tiny_checkpoint, tiny_package, tmp_p
     path = tiny_package if dtype == "float32" else export(tiny_checkpoint, tmp_path / "fp16", dtype="float16")
     package = Package.open(path)
     layers = package.config.num_layers
-    for kind in ("prefill", "decode"):
-        graph = package.graph_path(0, kind)
-        onnx.checker.check_model(str(graph), full_check=True)
-        summary = graph_summary(graph)
-        assert summary["fused"] == {"Attention": layers, "RotaryEmbedding": 2 * layers, "GeGLU": layers,
-                                    "AllReduce": 0}
-        assert summary["softmax"] == {"FLOAT": layers}  # every softmax in FP32, also in the fp16 graph
-        assert "Softmax" not in summary["ops"]
-        if dtype == "float16":
-            proto = onnx.load(str(graph), load_external_data=False)
-            logits = next(o for o in proto.graph.output if o.name == "logits")
-            assert logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    graph = package.graph_path(0, "step")
+    onnx.checker.check_model(str(graph), full_check=True)
+    summary = graph_summary(graph)
+    assert summary["fused"] == {"Attention": 0, "GroupQueryAttention": layers, "RotaryEmbedding": 2 * layers,
+                                "GeGLU": layers, "AllReduce": 0}
+    assert summary["softmax"] == {"FLOAT": layers}  # every softmax in FP32, also in the fp16 graph
+    assert "Softmax" not in summary["ops"]
+    if dtype == "float16":
+        proto = onnx.load(str(graph), load_external_data=False)
+        logits = next(o for o in proto.graph.output if o.name == "logits")
+        assert logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
 
 
-def test_decode_graph_takes_one_token_and_an_empty_past(tiny_package, tiny_model):
+def test_the_step_graph_takes_one_token_and_an_empty_past(tiny_package, tiny_model):
     executable = backends.open_rank(RunSpec(source=str(tiny_package), backend="onnxruntime"))
     tokens, positions = torch.tensor([[5]]), torch.tensor([[0]])
     logits, cache = executable.prefill(tokens, positions, torch.zeros(1, 1, 1, 1, dtype=torch.bool), last_only=False)
     with torch.no_grad():
         expected = tiny_model(tokens, positions, torch.zeros(1, 1, 1, 1, dtype=torch.bool)).logits
     assert_close(logits, expected, "float32", "one token, empty past")
-    assert cache[0].numpy().shape == (1, 8, 1, 8)
+    assert [tuple(t.shape) for t in executable.cache_tensors(cache)] == [(1, 8, 1, 8)] * 6
 
 
 class _ThreadSum:
@@ -111,9 +110,8 @@ def test_tp2_graphs_all_reduced_equal_tp1(tiny_package, tiny_package_tp2):
     package = Package.open(tiny_package_tp2)
     layers = package.config.num_layers
     for rank in range(2):
-        for kind in ("prefill", "decode"):
-            # One after the embedding lookup, one after each row-parallel matmul.
-            assert graph_summary(package.graph_path(rank, kind))["fused"]["AllReduce"] == 2 * layers + 1
+        # One after the embedding lookup, one after each row-parallel matmul.
+        assert graph_summary(package.graph_path(rank, "step"))["fused"]["AllReduce"] == 2 * layers + 1
     rng = np.random.default_rng(2)
     tokens = torch.from_numpy(rng.integers(0, 1000, (2, 9)))
     positions = torch.arange(9).repeat(2, 1)
@@ -155,11 +153,11 @@ def test_truncated_weights(tiny_package, tmp_path):
 
 def test_edited_graph(tiny_package, tmp_path):
     path = _copy(tiny_package, tmp_path)
-    graph = path / "rank0" / "decode.onnx"
+    graph = path / "rank0" / "step.onnx"
     data = bytearray(graph.read_bytes())
     data[len(data) // 2] ^= 0x01
     graph.write_bytes(bytes(data))
-    with pytest.raises(PackageError, match=r"decode\.onnx: contents differ from the manifest \(sha256"):
+    with pytest.raises(PackageError, match=r"step\.onnx: contents differ from the manifest \(sha256"):
         Package.open(path)
 
 
@@ -192,10 +190,10 @@ def test_cli_export_and_inspect(tiny_checkpoint, tmp_path):
                              "--json", "--no-progress"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["passes"]["decode"]["fuse_attention"] == 3 and summary["peak_rss_bytes"] > 0
+    assert summary["passes"]["step"]["fuse_attention"] == 3 and summary["peak_rss_bytes"] > 0
     info = json.loads(subprocess.run([sys.executable, "-m", "glmc", "inspect", str(out), "--json"],
                                      capture_output=True, text=True).stdout)
-    assert info["kind"] == "package" and info["ranks"][0]["graphs"]["prefill"]["fused"]["Attention"] == 3
+    assert info["kind"] == "package" and info["ranks"][0]["graphs"]["step"]["fused"]["GroupQueryAttention"] == 3
     again = subprocess.run([sys.executable, "-m", "glmc", "export", str(tiny_checkpoint), "-o", str(out)],
                            capture_output=True, text=True)
     assert again.returncode == 1 and "already exists" in again.stderr
@@ -228,30 +226,70 @@ print(json.dumps({"before": before, "peak": peak_rss_bytes()}))
 """
 
 
-@pytest.mark.slow
-def test_export_peak_memory_on_glm_bench_stays_near_one_rank(tmp_path):
+@pytest.fixture(scope="module")
+def glm_bench(tmp_path_factory):
+    """glm-bench (1.22 GB of fp32 weights) as a checkpoint, and the peak memory of exporting it."""
     from glmc.checkpoint import model_state, save_checkpoint
     from glmc.config import PRESETS
     from glmc.model import GLMModel
 
+    root = tmp_path_factory.mktemp("glm-bench")
     model = GLMModel(PRESETS["glm-bench"])
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    save_checkpoint(tmp_path / "ckpt", model.config, [model_state(model)])
+    save_checkpoint(root / "ckpt", model.config, [model_state(model)])
     rank_bytes = sum(p.numel() * 4 for p in model.parameters())
     del model
-    result = subprocess.run([sys.executable, "-c", EXPORT_PEAK, str(tmp_path / "ckpt"), str(tmp_path / "pkg"), "1"],
+    result = subprocess.run([sys.executable, "-c", EXPORT_PEAK, str(root / "ckpt"), str(root / "pkg"), "1"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
-    usage = json.loads(result.stdout.strip().splitlines()[-1])
+    return root, rank_bytes, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_export_peak_memory_on_glm_bench_stays_near_one_rank(glm_bench):
+    root, rank_bytes, usage = glm_bench
     growth = usage["peak"] - usage["before"]
     print(f"glm-bench rank {rank_bytes / 2**20:.0f} MiB, export peak growth {growth / 2**20:.0f} MiB "
           f"({growth / rank_bytes:.2f} x)")
     # The rank's weights once (read from the memory-mapped checkpoint while writing), plus
     # the tracer's working memory; a second copy of the weights would be 2x.
     assert growth < 1.4 * rank_bytes
-    assert Package.open(tmp_path / "pkg").manifest["passes"]["decode"]["fuse_attention"] == 12
+    assert Package.open(root / "pkg").manifest["passes"]["step"]["fuse_attention"] == 12
+
+
+RESIDENT = """
+import json, sys, torch
+from glmc import backends
+from glmc.memory import rss_bytes
+from glmc.run_spec import RunSpec
+import glmc.backends.onnxruntime, glmc.backends.pytorch, glmc.graphs  # the libraries are not the model
+before = rss_bytes()
+executable = backends.open_rank(RunSpec(source=sys.argv[1], backend=sys.argv[2]))
+tokens = torch.randint(0, 1000, (2, 16))
+causal = ~torch.ones(16, 16, dtype=torch.bool).tril()
+_, cache = executable.prefill(tokens, torch.arange(16).repeat(2, 1), causal[None, None].repeat(2, 1, 1, 1), capacity=24)
+for i in range(8):
+    _, cache = executable.decode(tokens[:, i:i + 1], torch.full((2, 1), 16 + i),
+                                 torch.zeros(2, 1, 1, 17 + i, dtype=torch.bool), cache)
+print(json.dumps({"resident": rss_bytes() - before}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,source,limit", [("onnxruntime", "pkg", 1.15), ("torch", "ckpt", 1.1),
+                                                  ("torch", "pkg", 1.1)])
+def test_a_loaded_rank_holds_each_weight_once(glm_bench, backend, source, limit):
+    """Resident memory after load, a prefill and decode steps, beyond the libraries: each weight
+    once. ONNX Runtime once held glm-bench's weights 4.5 times (every session copied every
+    external initializer, prepacking added another copy); the torch backend maps a checkpoint."""
+    root, rank_bytes, _ = glm_bench
+    result = subprocess.run([sys.executable, "-c", RESIDENT, str(root / source), backend], capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resident = json.loads(result.stdout.strip().splitlines()[-1])["resident"]
+    assert resident < limit * rank_bytes, f"{resident / rank_bytes:.2f} x the weights are resident"
 
 
 @pytest.mark.parametrize("damage", ["truncate-weights", "edit-graph", "drop-manifest"])
@@ -261,7 +299,7 @@ def test_damaged_packages_give_one_line(tiny_package, tmp_path, damage):
         weights = path / "rank0" / "weights.bin"
         weights.write_bytes(weights.read_bytes()[:4096])
     elif damage == "edit-graph":
-        graph = path / "rank0" / "prefill.onnx"
+        graph = path / "rank0" / "step.onnx"
         graph.write_bytes(graph.read_bytes() + b"\0")
     else:
         (path / MANIFEST).unlink()

@@ -166,9 +166,9 @@ def dot_dot(path, outside):
 
 def dot_dot_inside(path, outside):
     manifest = _manifest(path)  # resolves inside the package, but is not the listed spelling
-    manifest["ranks"][0]["graphs"]["prefill"] = "rank0/../rank0/prefill.onnx"
+    manifest["ranks"][0]["graphs"]["step"] = "rank0/../rank0/step.onnx"
     _save_manifest(path, manifest)
-    return ["manifest.json", "ranks[0].graphs.prefill", "leaves the package ('..')"]
+    return ["manifest.json", "ranks[0].graphs.step", "leaves the package ('..')"]
 
 
 def symlink_out(path, outside):
@@ -201,8 +201,8 @@ def external_data_outside(path, outside):
         tensor = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
         _set_external(tensor, location=f"../../{outside.name}/weights.bin")
 
-    _edit_graph(path, "prefill", point_outside)
-    return [str(path / "rank0" / "prefill.onnx"), f"external data location '../../{outside.name}/weights.bin'",
+    _edit_graph(path, "step", point_outside)
+    return [str(path / "rank0" / "step.onnx"), f"external data location '../../{outside.name}/weights.bin'",
             "is not the rank's weight file (weights.bin)"]
 
 
@@ -220,8 +220,8 @@ def external_data_in_the_current_directory(path, outside):
         model.graph.node.insert(0, helper.make_node("Constant", [], [tensor.name], value=value))
         (outside / "planted.bin").write_bytes(b"\x7f" * size)
 
-    _edit_graph(path, "prefill", plant)
-    return [str(path / "rank0" / "prefill.onnx"), "attribute 'value' of a Constant node", "has external data"]
+    _edit_graph(path, "step", plant)
+    return [str(path / "rank0" / "step.onnx"), "attribute 'value' of a Constant node", "has external data"]
 
 
 def initializer_in_the_current_directory(path, outside):
@@ -235,8 +235,8 @@ def initializer_in_the_current_directory(path, outside):
         _set_external(tensor, location="planted.bin", offset="0", length=str(size))
         (outside / "planted.bin").write_bytes(b"\x7f" * size)
 
-    _edit_graph(path, "decode", plant)
-    return [str(path / "rank0" / "decode.onnx"), "has external data but is not in the rank's tensor table"]
+    _edit_graph(path, "step", plant)
+    return [str(path / "rank0" / "step.onnx"), "has external data but is not in the rank's tensor table"]
 
 
 def graph_offset_disagrees(path, outside):
@@ -248,8 +248,8 @@ def graph_offset_disagrees(path, outside):
         other = next(n for n in tensors if n != tensor.name)
         _set_external(tensor, offset=str(tensors[other]["offset"]))
 
-    _edit_graph(path, "decode", read_another_tensor)
-    return [str(path / "rank0" / "decode.onnx"), "external data offset", "the tensor table says"]
+    _edit_graph(path, "step", read_another_tensor)
+    return [str(path / "rank0" / "step.onnx"), "external data offset", "the tensor table says"]
 
 
 def negative_offset(path, outside):

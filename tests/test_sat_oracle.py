@@ -77,8 +77,9 @@ class _AllPositionLogits:
     def __init__(self, executable):
         self.executable = executable
 
-    def prefill(self, tokens, position_ids, attention_mask, *, last_only=True):
-        logits, cache = self.executable.prefill(tokens, position_ids, attention_mask, last_only=False)
+    def prefill(self, tokens, position_ids, attention_mask, *, last_only=True, capacity=None):
+        logits, cache = self.executable.prefill(tokens, position_ids, attention_mask, last_only=False,
+                                                capacity=capacity)
         return (logits[:, -1:] if last_only else logits), cache
 
     def __getattr__(self, name):

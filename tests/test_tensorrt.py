@@ -197,27 +197,26 @@ def test_only_tensorrt_packages_are_compiled(tiny_package, tiny_checkpoint):
 def test_profiles_of_a_glm130b_rank():
     """GLM-130B at TP 8: 12 heads of 128 per rank, 2,048 positions, 4 rows (one prompt, four beams)."""
     config, limits = PRESETS["glm-130b"], Limits.of(PRESETS["glm-130b"], max_batch_size=4)
-    prefill = profile_shapes("prefill", config, 8, limits)
-    assert set(prefill) == {"tokens", "position_ids", "attention_mask"}
-    assert prefill["tokens"] == prefill["position_ids"] == ShapeRange((1, 1), (1, 128), (4, 2048))
-    assert prefill["attention_mask"] == ShapeRange((1, 1, 1, 1), (1, 1, 128, 128), (4, 1, 2048, 2048))
-    decode = profile_shapes("decode", config, 8, limits)
-    assert len(decode) == 3 + 2 * 70
-    assert decode["tokens"] == decode["position_ids"] == ShapeRange((1, 1), (1, 1), (4, 2048))
-    # past + new <= 2048: one new token over 2,047, or every position new over none.
-    assert decode["attention_mask"] == ShapeRange((1, 1, 1, 1), (1, 1, 1, 1025), (4, 1, 2048, 2048))
+    step = profile_shapes("step", config, 8, limits)
+    assert len(step) == 4 + 2 * 70
+    assert step["tokens"] == step["position_ids"] == ShapeRange((1, 1), (1, 1), (4, 2048))
+    # past + new <= 2048: one new token over 2,047, or every position new over none (a prefill).
+    assert step["attention_mask"] == ShapeRange((1, 1, 1, 1), (1, 1, 1, 1025), (4, 1, 2048, 2048))
+    assert step["logit_positions"] == ShapeRange((1,), (1,), (2048,))
     for i in (0, 69):
         for name in (f"past_key_{i}", f"past_value_{i}"):
-            assert decode[name] == ShapeRange((1, 12, 0, 128), (1, 12, 1024, 128), (4, 12, 2047, 128))
+            assert step[name] == ShapeRange((1, 12, 0, 128), (1, 12, 1024, 128), (4, 12, 2047, 128))
+    with pytest.raises(ValueError, match="unknown graph kind"):
+        profile_shapes("decode", config, 8, limits)
 
 
 def test_profiles_follow_the_config_and_the_options(tiny_config):
     default = Limits.of(tiny_config)
     assert (default.max_batch, default.positions) == (8, 128)
-    tp2 = profile_shapes("decode", tiny_config, 2, Limits.of(tiny_config, max_batch_size=16))
+    tp2 = profile_shapes("step", tiny_config, 2, Limits.of(tiny_config, max_batch_size=16))
     assert tp2["past_key_2"] == ShapeRange((1, 4, 0, 8), (1, 4, 64, 8), (16, 4, 127, 8))
     short = dataclasses.replace(tiny_config, max_sequence_length=40)
-    assert profile_shapes("prefill", short, 1, Limits.of(short))["tokens"] == ShapeRange((1, 1), (1, 40), (8, 40))
+    assert profile_shapes("step", short, 1, Limits.of(short))["tokens"] == ShapeRange((1, 1), (1, 1), (8, 40))
     for bad in (0, -3):
         with pytest.raises(GlmcError, match="max_batch_size must be at least 1"):
             Limits.of(tiny_config, max_batch_size=bad)
@@ -227,11 +226,10 @@ def test_profiles_follow_the_config_and_the_options(tiny_config):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize("kind", ["prefill", "decode"])
-def test_profiles_cover_every_input_of_the_exported_graphs(packages, tiny_config, kind, tp):
+def test_profiles_cover_every_input_of_the_exported_graphs(packages, tiny_config, tp):
     package = packages["float16", tp]
-    proto = graph(package, kind, rank=tp - 1)
-    shapes = profile_shapes(kind, tiny_config, tp, Limits.of(tiny_config))
+    proto = graph(package, "step", rank=tp - 1)
+    shapes = profile_shapes("step", tiny_config, tp, Limits.of(tiny_config))
     assert set(shapes) == {v.name for v in proto.graph.input}
     for value in proto.graph.input:
         dims = value.type.tensor_type.shape.dim
@@ -243,8 +241,8 @@ def test_profiles_cover_every_input_of_the_exported_graphs(packages, tiny_config
 
 
 def test_segment_inputs_take_the_ranges_of_the_graph_symbols(packages, tiny_config):
-    proto = graph(packages["float32", 2], "decode")
-    shapes = profile_shapes("decode", tiny_config, 2, Limits.of(tiny_config))
+    proto = graph(packages["float32", 2], "step")
+    shapes = profile_shapes("step", tiny_config, 2, Limits.of(tiny_config))
     segments = tensorrt_segments(proto)
     carried = input_profiles(segments[1].model, proto, shapes)
     # The embedding's sum, [batch, new tokens, hidden]: batch 1..8, new 1..128, hidden 64.
@@ -343,7 +341,7 @@ print(" ".join(hashlib.sha256(m.SerializeToString()).hexdigest() for m in models
 def test_the_graphs_parsed_hash_alike_in_every_process(packages):
     """The key's graph digest is of the bytes handed to the parser (lowered, or cut): they must come
     out the same in another process, or no cached engine would ever be found again."""
-    path = str(packages["float32", 2].graph_path(1, "decode"))
+    path = str(packages["float32", 2].graph_path(1, "step"))
     runs = [subprocess.run([sys.executable, "-c", DIGESTS, path], capture_output=True, text=True, timeout=300,
                            env=dict(os.environ, PYTHONHASHSEED=seed), check=True).stdout for seed in ("1", "2")]
     assert runs[0] == runs[1] and len(runs[0].split()) == 1 + 8
@@ -356,9 +354,8 @@ def producers(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {out: node for node in proto.graph.node for out in node.output}
 
 
-@pytest.mark.parametrize("kind", ["prefill", "decode"])
-def test_all_reduce_wiring_plan_of_a_tp2_graph(packages, tiny_config, kind):
-    proto = graph(packages["float32", 2], kind)
+def test_all_reduce_wiring_plan_of_a_tp2_graph(packages, tiny_config):
+    proto = graph(packages["float32", 2], "step")
     plan = all_reduce_plan(proto)
     # One after the embedding lookup, one after each row-parallel matmul (attention dense, dense_4h_to_h).
     assert len(plan) == 1 + 2 * tiny_config.num_layers
@@ -381,7 +378,7 @@ def test_all_reduce_wiring_plan_of_a_tp2_graph(packages, tiny_config, kind):
 
 
 def test_lowering_leaves_identities_where_the_markers_were(packages):
-    proto = graph(packages["float16", 2], "decode")
+    proto = graph(packages["float16", 2], "step")
     lowered = lower_all_reduces(proto)
     assert not any(n.domain == DOMAIN for n in lowered.graph.node)
     assert DOMAIN not in {o.domain for o in lowered.opset_import}
@@ -391,7 +388,7 @@ def test_lowering_leaves_identities_where_the_markers_were(packages):
         assert list(identities[wiring.node].output) == [wiring.output]
     onnx.shape_inference.infer_shapes(lowered, check_type=True, strict_mode=True)  # a valid graph, every type known
     assert any(n.domain == DOMAIN for n in proto.graph.node)  # the package's graph is untouched
-    assert all_reduce_plan(graph(packages["float16", 1], "decode")) == []
+    assert all_reduce_plan(graph(packages["float16", 1], "step")) == []
 
 
 def run_segments_on_ort(package: Package, kind: str, feeds: dict[str, np.ndarray]) -> dict[int, dict]:
@@ -420,17 +417,16 @@ def run_segments_on_ort(package: Package, kind: str, feeds: dict[str, np.ndarray
 
 
 def test_fallback_segments_exchange_activations_only(packages):
-    for kind in ("prefill", "decode"):
-        proto = graph(packages["float32", 2], kind)
-        graph_inputs = {v.name for v in proto.graph.input}
-        segments = tensorrt_segments(proto)
-        assert len(segments) == 1 + len(all_reduce_plan(proto))
-        for segment in segments:
-            for value in segment.model.graph.input:
-                passed = value.name not in graph_inputs
-                assert not (passed and value.type.tensor_type.elem_type == onnx.TensorProto.INT64), \
-                    f"{kind}: the shape value {value.name} crosses between engines"
-            assert not any(n.domain == DOMAIN for n in segment.model.graph.node)
+    proto = graph(packages["float32", 2], "step")
+    graph_inputs = {v.name for v in proto.graph.input}
+    segments = tensorrt_segments(proto)
+    assert len(segments) == 1 + len(all_reduce_plan(proto))
+    for segment in segments:
+        for value in segment.model.graph.input:
+            passed = value.name not in graph_inputs
+            assert not (passed and value.type.tensor_type.elem_type == onnx.TensorProto.INT64), \
+                f"the shape value {value.name} crosses between engines"
+        assert not any(n.domain == DOMAIN for n in segment.model.graph.node)
 
 
 def test_fallback_segments_give_the_reference_logits(packages, tiny_model):
@@ -443,9 +439,12 @@ def test_fallback_segments_give_the_reference_logits(packages, tiny_model):
     positions = np.tile(np.arange(context + 1), (batch, 1))
     mask = ~np.tril(np.ones((context + 1, context + 1), dtype=bool))[None, None].repeat(batch, 0)
     mask[..., : context - 2] = False  # a GLM context: bidirectional before its last tokens
+    heads, hd = tiny_model.config.num_attention_heads // 2, tiny_model.config.head_dim
+    empty = np.zeros((batch, heads, 0, hd), np.float32)
     first = {"tokens": tokens[:, :context], "position_ids": positions[:, :context],
-             "attention_mask": mask[..., :context, :context]}
-    prefill = run_segments_on_ort(package, "prefill", {0: first, 1: first})
+             "attention_mask": mask[..., :context, :context], "logit_positions": np.array([context - 1]),
+             **{f"past_{kv}_{i}": empty for kv in ("key", "value") for i in range(tiny_model.config.num_layers)}}
+    prefill = run_segments_on_ort(package, "step", {0: first, 1: first})
     with torch.no_grad():
         expected = tiny_model(torch.tensor(tokens[:, :context]), torch.tensor(positions[:, :context]),
                               torch.tensor(mask[..., :context, :context]), last_logits_only=True)
@@ -457,11 +456,11 @@ def test_fallback_segments_give_the_reference_logits(packages, tiny_model):
     feeds = {}
     for rank in (0, 1):
         feeds[rank] = {"tokens": tokens[:, context:], "position_ids": positions[:, context:],
-                       "attention_mask": mask[..., context:, :]}
+                       "attention_mask": mask[..., context:, :], "logit_positions": np.array([0])}
         for i in range(layers):
             feeds[rank][f"past_key_{i}"] = prefill[rank][f"present_key_{i}"]
             feeds[rank][f"past_value_{i}"] = prefill[rank][f"present_value_{i}"]
-    decode = run_segments_on_ort(package, "decode", feeds)
+    decode = run_segments_on_ort(package, "step", feeds)
     logits = np.concatenate([decode[0]["logits"], decode[1]["logits"]], axis=-1)
     assert_close(logits, step.logits, "float32", "cached decode logits")
 
@@ -471,17 +470,16 @@ def test_fallback_segments_give_the_reference_logits(packages, tiny_model):
 
 def test_weights_are_handed_over_from_the_package(packages):
     package = packages["bfloat16", 2]
-    for kind in ("prefill", "decode"):
-        proto = graph(package, kind, rank=1)
-        weights = dict(external_weights(proto, package, 1))
-        assert sorted(weights) == package.graph_weights(1, kind)
-        for name, array in weights.items():
-            assert np.array_equal(array.view(np.uint8), package.tensor(1, name).view(np.uint8))
+    proto = graph(package, "step", rank=1)
+    weights = dict(external_weights(proto, package, 1))
+    assert sorted(weights) == package.graph_weights(1, "step")
+    for name, array in weights.items():
+        assert np.array_equal(array.view(np.uint8), package.tensor(1, name).view(np.uint8))
 
 
 def test_a_weight_reference_outside_the_package_is_refused(packages):
     package = packages["float32", 1]
-    proto = graph(package, "decode")
+    proto = graph(package, "step")
     target = next(init for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL)
 
     def tampered(key: str, value: str) -> onnx.ModelProto:
@@ -522,7 +520,7 @@ ALL_KEYS = [*TINY_KEYS, BENCH_KEY]
 @pytest.mark.parametrize("key", ALL_KEYS, ids=["-".join(map(str, k)) for k in ALL_KEYS])
 def test_operator_check_passes_on_every_tensorrt_package(packages, key):
     package = packages[key]
-    for kind in ("prefill", "decode"):
+    for kind in ("step",):
         assert package.manifest["passes"][kind]["tensorrt_ops"] > 0  # it ran while exporting
         assert "tensorrt_ops" not in package.manifest["declined"][kind]
         for rank in range(package.tp_size):
@@ -531,14 +529,14 @@ def test_operator_check_passes_on_every_tensorrt_package(packages, key):
 
 
 def test_operator_check_names_the_node_of_an_onnxruntime_graph(tiny_package):
-    model = ir.load(Package.open(tiny_package).graph_path(0, "decode"))
+    model = ir.load(Package.open(tiny_package).graph_path(0, "step"))
     with pytest.raises(UnsupportedByTensorRT, match=r"node 'node_RotaryEmbedding_\w+' \(RotaryEmbedding\): "
                                                     r"TensorRT's ONNX operator table .* does not list"):
         tensorrt_ops.run(model, TARGETS["tensorrt"])
 
 
 def test_operator_check_refuses_a_com_microsoft_op(packages):
-    model = ir.load(packages["float16", 1].graph_path(0, "prefill"))
+    model = ir.load(packages["float16", 1].graph_path(0, "step"))
     gelu = next(n for n in model.graph.all_nodes() if n.op_type == "Gelu")
     gelu.domain = "com.microsoft"  # ONNX Runtime's contrib Gelu
     model.opset_imports["com.microsoft"] = 1
@@ -580,10 +578,10 @@ def test_operator_check_takes_weight_only_quantized_matmuls(quantized):
 
 
 def test_operator_check_runs_for_the_tensorrt_target_only(packages, tiny_package):
-    onnxruntime_model = ir.load(Package.open(tiny_package).graph_path(0, "decode"))
+    onnxruntime_model = ir.load(Package.open(tiny_package).graph_path(0, "step"))
     _, counts, _ = optimize(onnxruntime_model, "onnxruntime")  # RotaryEmbedding and Attention stay
     assert "tensorrt_ops" not in counts
-    _, counts, _ = optimize(ir.load(packages["float32", 1].graph_path(0, "decode")), "tensorrt")
+    _, counts, _ = optimize(ir.load(packages["float32", 1].graph_path(0, "step")), "tensorrt")
     assert counts["tensorrt_ops"] > 0
 
 

@@ -992,7 +992,7 @@ def time_tensorrt_decode(executable, case: DecodeCase, timer: Timer, bounds: Bou
     seconds = timer.measure(step, repeats)
     tensors = package.manifest["ranks"][0]["tensors"]
     # The decode engine reads each of its weights once per step (its own copy, built from these).
-    weight_bytes = sum(tensors[name]["length"] for name in package.graph_weights(0, "decode"))
+    weight_bytes = sum(tensors[name]["length"] for name in package.graph_weights(0, "step"))
     bound = (weight_bytes + kv_bytes) / bounds.bandwidth
     result = {"batch": b, "past": case.past, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
               "logits_shape": logits_shape, **timing_summary(seconds, bound, b)}

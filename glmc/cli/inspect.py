@@ -11,7 +11,7 @@ import click
 from glmc.cli import cli
 from glmc.errors import GlmcError
 
-FUSED_OPS = ("Attention", "RotaryEmbedding", "GeGLU", "AllReduce")
+FUSED_OPS = ("Attention", "GroupQueryAttention", "RotaryEmbedding", "GeGLU", "AllReduce")
 
 
 @cli.command()

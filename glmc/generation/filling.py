@@ -30,7 +30,7 @@ class Executable(Protocol):
     """What generation needs from a backend (see glmc.backends)."""
 
     def prefill(self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                *, last_only: bool = True) -> tuple[torch.Tensor, object]: ...
+                *, last_only: bool = True, capacity: int | None = None) -> tuple[torch.Tensor, object]: ...
 
     def decode(self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                cache: object) -> tuple[torch.Tensor, object]: ...
@@ -151,7 +151,10 @@ def generate(
                               for p, i in zip(pads, inputs)])
 
     run = strategy.start(batch, special.end_tokens, generators)
-    logits, cache = executable.prefill(tokens.to(device), positions.to(device), mask.to(device), last_only=True)
+    # The cache is allocated once for the whole budget: the context and every generated token.
+    budget = width + max(i.max_new_tokens for i in inputs)
+    logits, cache = executable.prefill(tokens.to(device), positions.to(device), mask.to(device), last_only=True,
+                                       capacity=budget)
     beams: Tokens = [[list(i.tokens)] for i in inputs]
     steps = 0
     while True:

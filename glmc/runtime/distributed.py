@@ -72,11 +72,13 @@ class LeaderExecutable:
         weakref.finalize(handle, self._released.append, handle_id)
         return handle
 
-    def prefill(self, tokens, position_ids, attention_mask, *, last_only: bool = True):
+    def prefill(self, tokens, position_ids, attention_mask, *, last_only: bool = True, capacity: int | None = None):
         with self._lock:
             handle_id = next(self._ids)
-            self._send(PREFILL, handle_id, _host(tokens), _host(position_ids), _host(attention_mask), last_only)
-            logits, cache = self.local.prefill(tokens, position_ids, attention_mask, last_only=last_only)
+            self._send(PREFILL, handle_id, _host(tokens), _host(position_ids), _host(attention_mask), last_only,
+                       capacity)
+            logits, cache = self.local.prefill(tokens, position_ids, attention_mask, last_only=last_only,
+                                               capacity=capacity)
             return logits, self._handle(handle_id, cache)
 
     def decode(self, tokens, position_ids, attention_mask, cache: CacheHandle):
@@ -115,9 +117,10 @@ def serve(executable, command_group) -> None:
         if command == STOP:
             return
         if command == PREFILL:
-            handle_id, tokens, positions, mask, last_only = args
+            handle_id, tokens, positions, mask, last_only, capacity = args
             _, caches[handle_id] = executable.prefill(torch.from_numpy(tokens), torch.from_numpy(positions),
-                                                      torch.from_numpy(mask), last_only=last_only)
+                                                      torch.from_numpy(mask), last_only=last_only,
+                                                      capacity=capacity)
         elif command == DECODE:
             handle_id, source, tokens, positions, mask = args
             _, caches[handle_id] = executable.decode(torch.from_numpy(tokens), torch.from_numpy(positions),
