@@ -47,11 +47,12 @@ def test_decode_step_by_tp(benchmark, tp_packages, machine, record, preset, back
         comm = model.cluster.comm if tp > 1 else None
         tokens = torch.randint(0, 1000, (1, PAST))
         causal = ~torch.ones(PAST, PAST, dtype=torch.bool).tril()
-        _, cache = executable.prefill(tokens, torch.arange(PAST)[None], causal[None, None])
-        step = (torch.tensor([[7]]), torch.tensor([[PAST]]), torch.zeros(1, 1, 1, PAST + 1, dtype=torch.bool))
+        _, cache = executable.prefill(tokens, torch.arange(PAST)[None], causal[None, None], capacity=PAST + 64)
 
-        def decode():
-            executable.decode(*step, cache)
+        def decode():  # the cache grows by one position a step (by at most 30 here)
+            past = executable.cache_length(cache)
+            executable.decode(torch.tensor([[7]]), torch.tensor([[past]]),
+                              torch.zeros(1, 1, 1, past + 1, dtype=torch.bool), cache)
 
         rounds = 20 if preset == "glm-tiny" else 5
         benchmark.pedantic(decode, rounds=2, warmup_rounds=1)  # warm-up for the counters below
