@@ -251,6 +251,21 @@ class OrtExecutable:
         tensors = [t.index_select(0, rows) for t in cache.tensors]
         return OrtCache(tensors, [self._to_ort(t) for t in tensors], cache.length, cache.static)
 
+    def join_caches(self, caches: list[OrtCache], capacity: int) -> OrtCache:
+        """One cache holding the rows of `caches` in order, each left-padded to the longest
+        (padding is masked out by the caller), with room for `capacity` positions."""
+        length = max(c.length for c in caches)
+        batch = sum(c.tensors[0].shape[0] for c in caches)
+        joined = self._empty(batch, max(length, capacity) if self.static else length)
+        for i, tensor in enumerate(joined.tensors):
+            row = 0
+            for cache in caches:
+                rows = cache.tensors[i].shape[0]
+                tensor[row:row + rows, :, length - cache.length:length] = cache.tensors[i][:, :, :cache.length]
+                row += rows
+        joined.length = length
+        return joined
+
     def cache_tensors(self, cache: OrtCache) -> list[torch.Tensor]:
         """The cache as torch views of its filled positions (for tests and tools that check where it lives)."""
         return [t[:, :, :cache.length] for t in cache.tensors]

@@ -70,8 +70,36 @@ class TorchExecutable:
             return cache
         return [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache]
 
+    def join_caches(self, caches: list, capacity: int):
+        """One cache holding the rows of `caches` in order, each left-padded to the longest
+        (padding is masked out by the caller), with room for `capacity` positions."""
+        length = max(self.cache_length(c) for c in caches)
+        if not self.static_cache:
+            return [tuple(torch.cat([_left_pad(t, length) for t in parts]) for parts in zip(*layer))
+                    for layer in zip(*(list(c) for c in caches))]
+        config = self.config
+        joined = StaticKVCache.allocate(config.num_layers, sum(c.batch for c in caches),
+                                        config.num_attention_heads // self.mapping.tp_size, max(length, capacity),
+                                        config.head_dim, self.dtype, self.device)
+        for buffers, name in ((joined.keys, "keys"), (joined.values, "values")):
+            for layer, buffer in enumerate(buffers):
+                buffer.zero_()
+                row = 0
+                for cache in caches:
+                    source = getattr(cache, name)[layer]
+                    buffer[row:row + cache.batch, :, length - cache.length:length] = source[:, :, :cache.length]
+                    row += cache.batch
+        joined.length = length
+        return joined
+
     def cache_tensors(self, cache) -> list[torch.Tensor]:
         return cache.tensors() if isinstance(cache, StaticKVCache) else [t for kv in cache for t in kv]
+
+
+def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """[b, heads, n, hd] -> [b, heads, length, hd], zeros first."""
+    pad = length - tensor.shape[2]
+    return torch.nn.functional.pad(tensor, (0, 0, pad, 0)) if pad else tensor
 
 
 @contextmanager

@@ -844,6 +844,14 @@ class TensorRTExecutable:
             tensor.copy_(tensor.index_select(0, rows))
         return cache
 
+    @torch.no_grad()
+    def join_caches(self, caches: list, capacity: int):
+        """One cache holding the rows of `caches` in order, each left-padded to the longest
+        (padding is masked out by the caller); the concatenating graph needs no room ahead."""
+        length = max(self.cache_length(c) for c in caches)
+        return [torch.cat([torch.nn.functional.pad(t, (0, 0, length - t.shape[2], 0)) for t in parts])
+                for parts in zip(*caches)]
+
     def cache_tensors(self, cache) -> list[torch.Tensor]:
         return list(cache)
 

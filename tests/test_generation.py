@@ -10,10 +10,12 @@ import glmc
 import oracle
 from conftest import SAT_TINY, TINY_SPECIAL, record_step_logits, sat_tiny_npz
 from glmc.errors import PromptError
+from glmc.generation.batch import Batch
 from glmc.generation.filling import (
     BlankRequest,
     blank_attention_mask,
     blank_position_ids,
+    generate,
     generate_blanks,
     prompt_from_ids,
     prompt_from_text,
@@ -210,6 +212,44 @@ def test_non_finite_logits_are_one_error_not_a_crash():
     for strategy in (BaseStrategy(), BeamSearchStrategy(2)):
         with pytest.raises(glmc.errors.GlmcError, match="non-finite logits"):
             strategy.start(1, S.end_tokens).step(logits.clone(), [[[1]] * strategy.num_beams])
+
+
+def _input(prompt: list[int], out_seq_length: int):
+    built = prompt_from_ids(prompt, S)
+    context = built.ids + [S.sop]
+    return BlankRequest(context, context.index(built.mask_id), built.gmask, out_seq_length - len(context)
+                        ).generation_input()
+
+
+JOINS = [lambda: BaseStrategy(top_k=1), lambda: BaseStrategy(1.2, 0, 0.9, seed=3),
+         lambda: BeamSearchStrategy(3, 1.0, no_repeat_ngram_size=2)]
+
+
+@pytest.mark.parametrize("make", JOINS, ids=["greedy", "sampling", "beam"])
+@pytest.mark.parametrize("source", ["torch", "onnxruntime", "onnxruntime-unfused"])
+def test_generations_joining_a_running_batch_get_what_they_get_alone(tiny_checkpoint, tiny_package,
+                                                                      tiny_package_unfused, source, make):
+    """Continuous batching: generations join a batch between its steps (their caches merged into
+    the batch's, the shorter side left-padded) and leave when done; each gets what it gets alone.
+    On the torch backend's static cache, ONNX Runtime's in-place one and a concatenated one."""
+    path = {"torch": tiny_checkpoint, "onnxruntime": tiny_package, "onnxruntime-unfused": tiny_package_unfused}[source]
+    executable = glmc.load(path, backend=source.split("-")[0]).executable
+    first = _input([11, 12, S.mask, 13], 30)
+    later = [_input([21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, S.gmask], 40),  # longer than the batch
+             _input([41, S.mask], 30)]                                                       # shorter
+    alone = [generate(executable, [i], make(), S)[0] for i in [first, *later]]
+    batch = Batch(executable, S)
+    strategy = make()
+    groups = batch.join([first], strategy, [strategy.generator()])
+    for _ in range(4):
+        batch.step()
+    assert batch.groups and batch.length == len(first.tokens) + 4  # still running: the join merges caches
+    groups += batch.join(later, strategy, [strategy.generator() for _ in later])
+    assert batch.length == len(later[0].tokens)  # the batch was left-padded to the longer newcomer
+    while batch.groups:
+        batch.step()
+    for group, expected in zip(groups, alone):
+        assert [b.tokens for b in group.result] == [b.tokens for b in expected]
 
 
 def test_sampling_is_seeded(tiny):

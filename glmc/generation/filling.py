@@ -8,11 +8,12 @@ the length limit; the blank replaces its mask and the next mask is filled.
 
 Prompts of a batch are left-padded so that every row's `sop` sits in the last
 column; padding is masked out and takes position 0, so each row computes what it
-would alone.
+would alone (glmc.generation.batch runs the batch).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -20,6 +21,7 @@ from typing import Callable, Protocol
 import torch
 
 from glmc.errors import PromptError
+from glmc.generation.batch import Batch
 from glmc.generation.strategies import Beam, Tokens
 from glmc.tokenizer.special import SpecialTokens
 
@@ -36,6 +38,8 @@ class Executable(Protocol):
                cache: object) -> tuple[torch.Tensor, object]: ...
 
     def reorder_cache(self, cache: object, index: torch.Tensor) -> object: ...
+
+    def join_caches(self, caches: list, capacity: int) -> object: ...
 
     def cache_length(self, cache: object) -> int: ...
 
@@ -111,7 +115,7 @@ def generate_blanks(
     special: SpecialTokens,
     *,
     device: torch.device | str = "cpu",
-    on_step: Callable[[Tokens], None] | None = None,
+    on_step: Callable[[int, list[list[int]]], None] | None = None,
     generators: list[torch.Generator] | None = None,
 ) -> list[list[Beam]]:
     """Generate one blank for each request, batched; per request the beams, best first."""
@@ -126,63 +130,25 @@ def generate(
     special: SpecialTokens,
     *,
     device: torch.device | str = "cpu",
-    on_step: Callable[[Tokens], None] | None = None,
+    on_step: Callable[[int, list[list[int]]], None] | None = None,
     generators: list[torch.Generator] | None = None,
 ) -> list[list[Beam]]:
     """Generate after each input's context, batched; per input the beams, best first.
 
     A generated token sees what the context's last token (`sop`) sees and the tokens
     generated before it (GLM-130B's evaluation/model.py `generate_text`). Input i draws
-    from `generators[i]` (default: a fresh one per input, seeded as the strategy says).
+    from `generators[i]` (default: a fresh one per input, seeded as the strategy says);
+    `on_step(i, beams)` sees input i's token lists after each of its steps. Inputs that
+    finish leave the batch; the others go on.
     """
-    batch = len(inputs)
-    width = max(len(i.tokens) for i in inputs)
-    pads = [width - len(i.tokens) for i in inputs]
-    pad_id = special.eos  # any valid id: padding is masked out
-
-    tokens = torch.tensor([[pad_id] * p + i.tokens for p, i in zip(pads, inputs)])
-    positions = torch.tensor([[0] * p + i.position_ids for p, i in zip(pads, inputs)])
-    mask = torch.ones(batch, 1, width, width, dtype=torch.bool)
-    for row, (p, i) in enumerate(zip(pads, inputs)):
-        n = len(i.tokens)
-        mask[row, 0, p:, p:] = i.attention_mask
-        mask[row, 0, :p, p:p + max(n - 1, 1)] = False  # padding rows see the context: no empty softmax
-    key_masked = torch.stack([torch.cat((torch.ones(p, dtype=torch.bool), i.attention_mask[-1]))
-                              for p, i in zip(pads, inputs)])
-
-    run = strategy.start(batch, special.end_tokens, generators)
-    # The cache is allocated once for the whole budget: the context and every generated token.
-    budget = width + max(i.max_new_tokens for i in inputs)
-    logits, cache = executable.prefill(tokens.to(device), positions.to(device), mask.to(device), last_only=True,
-                                       capacity=budget)
-    beams: Tokens = [[list(i.tokens)] for i in inputs]
-    steps = 0
-    while True:
-        num_beams = len(beams[0])
-        beams, parents = run.step(logits.reshape(batch, num_beams, -1).cpu(), beams)
-        steps += 1
-        if on_step is not None:
-            on_step(beams)
-        if parents != list(range(len(parents))):
-            cache = executable.reorder_cache(cache, torch.tensor(parents, device=device))
-        for row, item in enumerate(inputs):
-            if steps >= item.max_new_tokens:
-                run.stop_row(row, beams)
-        if run.is_done:
-            break
-        num_beams = len(beams[0])
-        last = torch.tensor([[seq[-1] if seq[-1] >= 0 else pad_id] for row in beams for seq in row])
-        # A row past its limit has stopped: its (ignored) token reuses its last position.
-        step_positions = torch.tensor([[i.target_position_ids[min(steps, i.max_new_tokens) - 1]] for i in inputs])
-        key_masked = torch.cat((key_masked, torch.zeros(batch, 1, dtype=torch.bool)), dim=1)
-        step_mask = key_masked[:, None, None, :]  # [batch, 1, 1, keys]
-        logits, cache = executable.decode(
-            last.to(device),
-            step_positions.repeat_interleave(num_beams, dim=0).to(device),
-            step_mask.repeat_interleave(num_beams, dim=0).to(device),
-            cache,
-        )
-    return run.finalize(beams)
+    if generators is None:
+        generators = [strategy.generator() for _ in inputs]
+    hooks = None if on_step is None else [functools.partial(on_step, i) for i in range(len(inputs))]
+    batch = Batch(executable, special, device)
+    groups = batch.join(inputs, strategy, generators, hooks)
+    while batch.groups:
+        batch.step()
+    return [group.result for group in groups]
 
 
 def generated_tokens(tokens: list[int], context_length: int, end_tokens: tuple[int, ...]) -> list[int]:
@@ -291,9 +257,8 @@ def fill_blanks(
         if on_step is not None:
             rows = [states.index(s) for s in active]
 
-            def step_hook(beams: Tokens) -> None:  # the best beam's blank so far, per prompt
-                for r, request in enumerate(requests):
-                    on_step(rows[r], beams[r][0][len(request.context):])
+            def step_hook(r: int, beams: list[list[int]]) -> None:  # the best beam's blank so far
+                on_step(rows[r], beams[0][len(requests[r].context):])
         results = generate_blanks(executable, requests, strategy, special, device=device, on_step=step_hook,
                                   generators=[generators[states.index(s)] for s in active])
         for state, request, beams in zip(active, requests, results):

@@ -1,7 +1,7 @@
 """Tensor-parallel execution, FasterTransformer-style: rank 0 leads, every rank computes.
 
 Rank 0 runs generation (tokenizing, sampling, beams, I/O) on a `LeaderExecutable`:
-each `prefill`, `decode` and `reorder_cache` call is broadcast to the other ranks,
+each `prefill`, `decode`, `reorder_cache` and `join_caches` call is broadcast to the other ranks,
 which run the same call on their own executable (their heads, their vocabulary
 rows, their KV cache) inside `serve`. The backends' collectives (all-reduce after
 the row-parallel matmuls, all-gather of the logits) join the ranks during the call;
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-PREFILL, DECODE, REORDER, STOP = "prefill", "decode", "reorder", "stop"
+PREFILL, DECODE, REORDER, JOIN, STOP = "prefill", "decode", "reorder", "join", "stop"
 
 
 @dataclass
@@ -94,6 +94,12 @@ class LeaderExecutable:
             self._send(REORDER, handle_id, cache.id, _host(index))
             return self._handle(handle_id, self.local.reorder_cache(cache.local, index))
 
+    def join_caches(self, caches: list[CacheHandle], capacity: int) -> CacheHandle:
+        with self._lock:
+            handle_id = next(self._ids)
+            self._send(JOIN, handle_id, [c.id for c in caches], capacity)
+            return self._handle(handle_id, self.local.join_caches([c.local for c in caches], capacity))
+
     def cache_length(self, cache: CacheHandle) -> int:
         return self.local.cache_length(cache.local)
 
@@ -128,5 +134,8 @@ def serve(executable, command_group) -> None:
         elif command == REORDER:
             handle_id, source, index = args
             caches[handle_id] = executable.reorder_cache(caches[source], torch.from_numpy(index))
+        elif command == JOIN:
+            handle_id, sources, capacity = args
+            caches[handle_id] = executable.join_caches([caches[s] for s in sources], capacity)
         else:
             raise RuntimeError(f"unknown command {command!r} from rank 0")

@@ -1,0 +1,164 @@
+"""A batch of generations decoded together, which generations join and leave between steps.
+
+Each generation (a `Group`: one input, its strategy's state, its generator) owns a block
+of rows of the batch (one row when sampling, one per beam in beam search). The rows
+share one KV cache, left-padded so that every row's newest token sits in the last
+column; padding is masked out and takes position 0, so each row computes what it would
+alone. A cycle (`step`) is: new generations join (their contexts prefilled together,
+their cache rows merged into the batch's, the shorter side left-padded); every
+generation picks its next tokens from its last logits (its own strategy, its own
+generator); finished generations leave (their rows dropped from the cache); the rest
+decode one token together. `generate` runs a fixed list of inputs this way; the server
+keeps a batch running and adds requests as they come (continuous batching).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from glmc.generation.strategies import Beam, Tokens
+
+if TYPE_CHECKING:
+    from glmc.generation.filling import Executable, GenerationInput, Strategy
+    from glmc.tokenizer.special import SpecialTokens
+
+
+@dataclass(eq=False)
+class Group:
+    """One generation in a batch."""
+
+    input: "GenerationInput"
+    run: object  # the strategy's state for this generation (a Sampling or BeamSearch)
+    on_step: Callable[[list[list[int]]], None] | None = None  # sees the group's token lists after each step
+    beams: list[list[int]] = field(default_factory=list)  # token lists of its rows, context first
+    steps: int = 0  # tokens generated so far
+    logits: torch.Tensor | None = None  # [rows, vocab] of its last call, waiting to be sampled
+    result: list[Beam] | None = None  # once finished: the beams, best first
+
+    @property
+    def rows(self) -> int:
+        return len(self.beams)
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None
+
+
+class Batch:
+    def __init__(self, executable: "Executable", special: "SpecialTokens", device: torch.device | str = "cpu"):
+        self.executable, self.special, self.device = executable, special, device
+        self.groups: list[Group] = []
+        self.cache = None
+        self.key_masked = torch.zeros(0, 0, dtype=torch.bool)  # [rows, keys]: True = masked (padding)
+
+    @property
+    def rows(self) -> int:
+        return sum(g.rows for g in self.groups)
+
+    @property
+    def length(self) -> int:
+        return self.key_masked.shape[1]
+
+    def _capacity(self, groups: list[Group], length: int) -> int:
+        """Positions the cache needs: every group's remaining tokens after `length`."""
+        return length + max(g.input.max_new_tokens - g.steps for g in groups)
+
+    def join(self, inputs: list["GenerationInput"], strategy: "Strategy", generators: list[torch.Generator],
+             on_step: list | None = None) -> list[Group]:
+        """Prefill `inputs` together and add them to the batch (one generation each)."""
+        pad_id = self.special.eos  # any valid id: padding is masked out
+        width = max(len(i.tokens) for i in inputs)
+        pads = [width - len(i.tokens) for i in inputs]
+        tokens = torch.tensor([[pad_id] * p + i.tokens for p, i in zip(pads, inputs)])
+        positions = torch.tensor([[0] * p + i.position_ids for p, i in zip(pads, inputs)])
+        mask = torch.ones(len(inputs), 1, width, width, dtype=torch.bool)
+        for row, (p, i) in enumerate(zip(pads, inputs)):
+            n = len(i.tokens)
+            mask[row, 0, p:, p:] = i.attention_mask
+            mask[row, 0, :p, p:p + max(n - 1, 1)] = False  # padding rows see the context: no empty softmax
+        key_masked = torch.stack([torch.cat((torch.ones(p, dtype=torch.bool), i.attention_mask[-1]))
+                                  for p, i in zip(pads, inputs)])
+        groups = [Group(i, strategy.start(1, self.special.end_tokens, [g]), (on_step or [None] * len(inputs))[k],
+                        [list(i.tokens)]) for k, (i, g) in enumerate(zip(inputs, generators))]
+        length = max(width, self.length)
+        capacity = self._capacity(self.groups + groups, length)
+        logits, cache = self.executable.prefill(tokens.to(self.device), positions.to(self.device),
+                                                mask.to(self.device), last_only=True, capacity=capacity)
+        for group, row_logits in zip(groups, logits.reshape(len(inputs), -1)):
+            group.logits = row_logits[None]
+        if self.cache is None:
+            self.cache, self.key_masked = cache, key_masked
+        else:  # left-pad the shorter side to the longer one, then the new rows after the batch's
+            self.cache = self.executable.join_caches([self.cache, cache], capacity)
+            self.key_masked = torch.cat((_left_padded(self.key_masked, length), _left_padded(key_masked, length)))
+        self.groups += groups
+        return groups
+
+    def step(self) -> list[Group]:
+        """Every generation picks its next tokens; finished ones leave; the rest decode one token.
+        Returns the generations that finished."""
+        index: list[int] = []  # for each row after this step, the cache row it continues
+        finished, offset = [], 0
+        for group in self.groups:
+            rows = group.rows
+            beams, parents = group.run.step(group.logits.reshape(1, rows, -1).cpu(), [group.beams])
+            group.beams, group.steps, group.logits = beams[0], group.steps + 1, None
+            if group.on_step is not None:
+                group.on_step(group.beams)
+            if group.steps >= group.input.max_new_tokens:
+                group.run.stop_row(0, [group.beams])
+            if group.run.is_done:
+                group.result = group.run.finalize([group.beams])[0]
+                finished.append(group)  # its rows leave the cache
+            else:
+                index += [offset + parent for parent in parents]
+            offset += rows
+        self.groups = [g for g in self.groups if not g.finished]
+        if not self.groups:
+            self.cache, self.key_masked = None, torch.zeros(0, 0, dtype=torch.bool)
+            return finished
+        if index != list(range(offset)):
+            rows = torch.tensor(index, dtype=torch.long)
+            self.cache = self.executable.reorder_cache(self.cache, rows.to(self.device))
+            self.key_masked = self.key_masked.index_select(0, rows)
+        self._decode()
+        return finished
+
+    def cancel(self, group: Group) -> None:
+        """Drop a generation (its client left): its rows leave at once."""
+        offset = 0
+        keep = []
+        for g in self.groups:
+            if g is not group:
+                keep += range(offset, offset + g.rows)
+            offset += g.rows
+        self.groups = [g for g in self.groups if g is not group]
+        if not self.groups:
+            self.cache, self.key_masked = None, torch.zeros(0, 0, dtype=torch.bool)
+        elif len(keep) != offset:
+            rows = torch.tensor(keep, dtype=torch.long)
+            self.cache = self.executable.reorder_cache(self.cache, rows.to(self.device))
+            self.key_masked = self.key_masked.index_select(0, rows)
+
+    def _decode(self) -> None:
+        pad_id = self.special.eos
+        last = torch.tensor([[seq[-1] if seq[-1] >= 0 else pad_id] for g in self.groups for seq in g.beams])
+        # A row past its limit has stopped: its (ignored) token reuses its last position.
+        positions = torch.tensor([[g.input.target_position_ids[min(g.steps, g.input.max_new_tokens) - 1]]
+                                  for g in self.groups for _ in g.beams])
+        self.key_masked = torch.cat((self.key_masked, torch.zeros(self.key_masked.shape[0], 1, dtype=torch.bool)), 1)
+        logits, self.cache = self.executable.decode(last.to(self.device), positions.to(self.device),
+                                                    self.key_masked[:, None, None, :].to(self.device), self.cache)
+        offset = 0
+        logits = logits.reshape(last.shape[0], -1)
+        for group in self.groups:
+            group.logits = logits[offset:offset + group.rows]
+            offset += group.rows
+
+
+def _left_padded(key_masked: torch.Tensor, length: int) -> torch.Tensor:
+    pad = length - key_masked.shape[1]
+    return torch.cat((torch.ones(key_masked.shape[0], pad, dtype=torch.bool), key_masked), 1) if pad else key_masked
