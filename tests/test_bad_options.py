@@ -59,3 +59,39 @@ def test_an_internal_error_is_one_line_with_the_traceback_in_a_log(capsys):
     with open(log) as f:
         assert "Traceback" in f.read()
     assert isinstance(cli, click.Group)
+
+
+LONG_CALL = """
+import sys, torch
+from glmc.cli import cli, main
+
+@cli.command("long-call-for-test", hidden=True)
+def long_call():
+    a = torch.ones(6000, 6000)
+    print("started", flush=True)
+    for _ in range(50):  # each product a C++ call of seconds: Python cannot raise KeyboardInterrupt inside
+        a @ a
+
+sys.exit(main(["long-call-for-test"]))
+"""
+
+
+def test_ctrl_c_ends_glmc_within_a_second_even_inside_a_long_cpp_call():
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-c", LONG_CALL], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert process.stdout.readline().strip() == "started"
+        time.sleep(0.5)  # inside a product now
+        sent = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+        elapsed = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130 and stderr.strip() == "glmc: interrupted", stderr
+    assert elapsed < 3.0, f"{elapsed:.1f} s after Ctrl-C"

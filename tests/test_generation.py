@@ -289,6 +289,19 @@ def test_base_strategy_ends_rows_and_pads_with_minus_one():
     assert tokens == [[[1, S.eos, -1]], [[2, 7, 7]]]
 
 
+@pytest.mark.parametrize("make", [lambda: BaseStrategy(1.1, 0, 0.9, seed=9),
+                                  lambda: BeamSearchStrategy(2, deterministic=False, seed=9)], ids=["sampling", "beam"])
+def test_each_row_draws_from_its_own_generator(make):
+    # Row r of one run draws exactly what a run of that row alone draws with generator r.
+    logits = torch.randn(3, 1, 64, generator=torch.Generator().manual_seed(0)) * 3
+    tokens = [[[1]], [[2]], [[3]]]
+    together = make().start(3, S.end_tokens, [torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+    picked = together.step(logits.clone(), tokens)[0]
+    for row, seed in enumerate((5, 6, 7)):
+        alone = make().start(1, S.end_tokens, [torch.Generator().manual_seed(seed)])
+        assert alone.step(logits[row:row + 1].clone(), [tokens[row]])[0] == [picked[row]]
+
+
 def test_min_gen_length_holds_end_tokens_back():
     run = BaseStrategy(top_k=1, min_gen_length=1).start(1, S.end_tokens)
     logits = torch.zeros(1, 1, 1024)
