@@ -117,14 +117,9 @@ class Batch:
                 index += [offset + parent for parent in parents]
             offset += rows
         self.groups = [g for g in self.groups if not g.finished]
-        if not self.groups:
-            self.cache, self.key_masked = None, torch.zeros(0, 0, dtype=torch.bool)
-            return finished
-        if index != list(range(offset)):
-            rows = torch.tensor(index, dtype=torch.long)
-            self.cache = self.executable.reorder_cache(self.cache, rows.to(self.device))
-            self.key_masked = self.key_masked.index_select(0, rows)
-        self._decode()
+        self._keep_rows(index, offset)
+        if self.groups:
+            self._decode()
         return finished
 
     def cancel(self, group: Group) -> None:
@@ -136,12 +131,16 @@ class Batch:
                 keep += range(offset, offset + g.rows)
             offset += g.rows
         self.groups = [g for g in self.groups if g is not group]
+        self._keep_rows(keep, offset)
+
+    def _keep_rows(self, index: list[int], rows: int) -> None:
+        """The cache's `rows` rows become rows `index` of them (beam parents; leaving groups dropped)."""
         if not self.groups:
             self.cache, self.key_masked = None, torch.zeros(0, 0, dtype=torch.bool)
-        elif len(keep) != offset:
-            rows = torch.tensor(keep, dtype=torch.long)
-            self.cache = self.executable.reorder_cache(self.cache, rows.to(self.device))
-            self.key_masked = self.key_masked.index_select(0, rows)
+        elif index != list(range(rows)):
+            chosen = torch.tensor(index, dtype=torch.long)
+            self.cache = self.executable.reorder_cache(self.cache, chosen.to(self.device))
+            self.key_masked = self.key_masked.index_select(0, chosen)
 
     def _decode(self) -> None:
         pad_id = self.special.eos
