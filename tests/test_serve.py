@@ -97,6 +97,8 @@ def until(condition, what: str, limit: float = 30.0):
 @pytest.fixture(scope="module")
 def server():
     server = Server("--max-batch-rows", "8")
+    with server.client() as client:  # warm: the first request's imports and allocations are behind it
+        assert client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}).is_success
     yield server
     assert server.stop() == 0, server.stderr[-3000:]
     assert "glmc: stopped" in server.stderr and "Traceback" not in server.stderr
@@ -196,13 +198,20 @@ def test_a_request_without_a_seed_draws_a_random_one(server):
 
 
 def test_a_stop_string_ends_the_choice_before_it(server, embedded):
-    full = alone(embedded, "The best way to learn is", 30, 13)
-    stop = full.split()[3]  # a word in the middle of the blank
-    response = server.openai().completions.create(model=MODEL, prompt="The best way to learn is", max_tokens=30,
-                                                  seed=13, top_p=0.7, stop=["no such text", stop])
+    prompt = "The best way to learn is"
+    length = len(embedded.prompt(prompt).ids) + 1 + 60  # a blank of exactly 60 tokens: no end before
+    full = embedded.generate(prompt, BaseStrategy(1.0, 0, 0.7, min_gen_length=60, seed=13),
+                             out_seq_length=length).blanks[0][0]
+    stop = full.split()[3]  # a word near the start of the blank
+    generated = server.metric("glmc_generation_tokens_total")
+    response = server.openai().completions.create(model=MODEL, prompt=prompt, max_tokens=60, seed=13, top_p=0.7,
+                                                  stop=["no such text", stop], extra_body={"min_tokens": 60})
     choice = response.choices[0]
     assert choice.text == full[:full.index(stop)] and choice.finish_reason == "stop"
-    assert response.usage.completion_tokens < 30
+    assert response.usage.completion_tokens < 20
+    # The choice left the batch soon after its stop string, far from its 60 tokens.
+    until(lambda: server.get("/health").json()["rows"] == 0, "the rows' release")
+    assert server.metric("glmc_generation_tokens_total") - generated < 40
 
 
 def test_concurrent_clients_each_get_their_own_answer(server, embedded):
@@ -322,46 +331,56 @@ def test_openai_client_sees_bad_request(server):
     assert caught.value.status_code == 400 and caught.value.body["param"] == "max_tokens"
 
 
-def test_a_client_that_disconnects_frees_its_rows(server):
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_a_client_that_disconnects_frees_its_rows(server, stream):
+    """32 choices of 480 tokens on 8 rows: about 2,000 steps, far more than the client stays."""
     cancelled = server.metric("glmc_requests_total", endpoint="/v1/completions", outcome="cancelled")
-    body = {"model": MODEL, "prompt": "The best way to learn is", "max_tokens": 480, "min_tokens": 480,
-            "stream": True}
-    with server.client() as client, client.stream("POST", "/v1/completions", json=body) as response:
-        lines = response.iter_lines()
-        next(line for line in lines if line.startswith("data: {"))
-        assert server.get("/health").json()["rows"] >= 1
+    generated = server.metric("glmc_generation_tokens_total")
+    body = {"model": MODEL, "prompt": "The best way to learn is", "max_tokens": 480, "min_tokens": 480, "n": 32,
+            "stream": stream}
+    with server.client() as client:
+        if stream:
+            with client.stream("POST", "/v1/completions", json=body) as response:
+                lines = response.iter_lines()  # held: closing the iterator would close the connection
+                next(line for line in lines if line.startswith("data: {"))
+                assert server.get("/health").json()["rows"] == 8
+        else:  # the client gives up waiting for the whole answer
+            with pytest.raises(httpx.ReadTimeout):
+                client.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
     # The connection is closed: the request's rows leave the batch at the next step.
     until(lambda: server.metric("glmc_requests_total", endpoint="/v1/completions", outcome="cancelled") > cancelled,
           "the cancellation")
     until(lambda: server.get("/health").json()["rows"] == 0, "the rows' release")
+    assert server.metric("glmc_generation_tokens_total") - generated < 32 * 480 / 2  # it left long before the end
 
 
 # --- overload, draining, options ------------------------------------------------------------
 
-def test_a_full_queue_gets_429_and_sigterm_drains(tmp_path):
-    """One row and a queue of one: a running request, one waiting, one queued; the next gets 429
-    with Retry-After. SIGTERM then lets the running stream finish (drain) and exits 0."""
+def test_a_full_queue_gets_429_and_sigterm_drains():
+    """One row and a queue of one: a request running (its choices one after another), one
+    queued; the next gets 429 with Retry-After. SIGTERM then lets both finish (the drain), and
+    the server exits 0."""
     server = Server("--max-batch-rows", "1", "--max-queue", "1", "--drain-timeout", "120")
     try:
-        long = {"model": MODEL, "prompt": "The best way to learn is", "max_tokens": 400, "min_tokens": 400,
+        # 4 choices of 480 tokens, one after another on the one row: about 1,900 steps
+        long = {"model": MODEL, "prompt": "The best way to learn is", "max_tokens": 480, "min_tokens": 480, "n": 4,
                 "stream": True}
         with server.client() as client, client.stream("POST", "/v1/completions", json=long) as running:
             lines = running.iter_lines()
             next(line for line in lines if line.startswith("data: {"))  # it is in the batch
-            with ThreadPoolExecutor(2) as pool:  # one waits for the row, one in the queue
-                waiting = [pool.submit(server.client().post, "/v1/completions",
-                                       json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
-                           for _ in range(2)]
-                until(lambda: server.get("/health").json()["queued"] == 2, "two requests waiting")
+            with ThreadPoolExecutor(1) as pool:
+                queued = pool.submit(server.client().post, "/v1/completions",
+                                     json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+                until(lambda: server.get("/health").json()["queued"] == 1, "a request in the queue")
                 refused = server.client().post("/v1/completions", json={"model": MODEL, "prompt": "Hi"})
                 assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
                 assert refused.json()["error"]["code"] == "rate_limit_exceeded"
                 with pytest.raises(openai.RateLimitError):
                     server.openai().completions.create(model=MODEL, prompt="Hi", max_tokens=2)
-                server.process.send_signal(signal.SIGTERM)  # drain: the running and waiting requests finish
+                server.process.send_signal(signal.SIGTERM)  # drain: the running and queued requests finish
                 rest = [line for line in lines if line]
                 assert rest[-1] == "data: [DONE]"
-                assert all(f.result().status_code == 200 for f in waiting)
+                assert queued.result().status_code == 200, queued.result().text
         assert server.stop() == 0
         assert "glmc: stopped" in server.stderr and "Traceback" not in server.stderr
     finally:

@@ -49,6 +49,13 @@ class Disconnected(Exception):
     pass
 
 
+@dataclass
+class _Watch:
+    """When a request last looked at its client."""
+
+    checked_at: float = field(default_factory=time.monotonic)
+
+
 def create_app(glm, engine: Engine, metrics: Metrics, settings: AppSettings) -> FastAPI:
     app = FastAPI(title="glmc", docs_url=None, redoc_url=None, openapi_url=None)
     limits = ModelLimits(settings.model_name, glm.config.max_sequence_length, glm.config.vocab_size,
@@ -197,19 +204,23 @@ class _Service:
                 pass
         return events, emit
 
-    async def _next(self, request: Request, events: asyncio.Queue, deadline: float, check: bool) -> tuple:
-        """The next event, watching the client (always when `check`, else while waiting) and the deadline."""
+    async def _next(self, request: Request, events: asyncio.Queue, deadline: float, watch: "_Watch") -> tuple:
+        """The next event, looking at the client every POLL_SECONDS (a request whose client left
+        raises Disconnected) and at the deadline."""
         while True:
-            if check and await request.is_disconnected():
-                raise Disconnected()
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            if now - watch.checked_at >= POLL_SECONDS:
+                watch.checked_at = now
+                if await request.is_disconnected():
+                    raise Disconnected()
+            left = deadline - now
             if left <= 0:
                 raise ApiError(504, f"the request did not finish within {self.settings.request_timeout:g} s "
                                     "(--request-timeout)", "server_error")
             try:
                 return await asyncio.wait_for(events.get(), min(POLL_SECONDS, left))
             except TimeoutError:
-                check = True
+                pass
 
     @staticmethod
     def _engine_error(event: tuple) -> ApiError:
@@ -255,7 +266,7 @@ class _Service:
                                      headers={"Cache-Control": "no-cache"})
         try:
             while not state.finished:
-                state.take(await self._next(request, events, state.deadline, check=False))
+                state.take(await self._next(request, events, state.deadline, state.watch))
         except BaseException as error:
             self.engine.cancel(job)
             if isinstance(error, Disconnected):
@@ -278,7 +289,7 @@ class _Service:
         try:
             while not state.finished:
                 try:
-                    event = await self._next(state.request, state.events, state.deadline, check=True)
+                    event = await self._next(state.request, state.events, state.deadline, state.watch)
                     pieces = state.take(event)
                 except ApiError as error:
                     ended = True
@@ -323,7 +334,7 @@ class _Service:
         self._submit(job)
         deadline = arrived + self.settings.request_timeout
         try:
-            event = await self._next(request, events, deadline, check=False)
+            event = await self._next(request, events, deadline, _Watch())
         except BaseException as error:
             self.engine.cancel(job)
             if isinstance(error, Disconnected):
@@ -352,6 +363,7 @@ class _Progress:
         self.service, self.request, self.job, self.events, self.choices = service, request, job, events, choices
         self.req, self.arrived = req, arrived
         self.deadline = arrived + service.settings.request_timeout
+        self.watch = _Watch()
         self.generated = 0  # tokens the client's text used (a choice cut at a stop string counts up to it)
         self.first = True
 

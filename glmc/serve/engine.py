@@ -72,6 +72,7 @@ class Job:
     tokens: bool  # stream each step's token (sampling only: beams reorder)
     tasks: list[Task] = field(default_factory=list)
     cancelled: bool = False
+    started: bool = False  # a task of it has joined the batch
     arrived: float = field(default_factory=time.monotonic)
 
     def add(self, prompt: Prompt, strategy, generator: torch.Generator, out_seq_length: int) -> Task:
@@ -219,7 +220,7 @@ class Engine:
                 length, remaining = new_length, new_remaining
                 source.popleft()
                 if not task.admitted:
-                    task.admitted = True
+                    task.admitted = task.job.started = True
                     self.reserved_rows += task.rows
                 joining.append((task, request))
             if source:
@@ -296,9 +297,10 @@ class Engine:
 
     def _gauges(self, rows: int | None = None) -> None:
         """Publish the counts (engine thread only; others read `state`, replaced whole)."""
+        jobs = {t.job for t in (*self._by_group.values(), *self._rejoin, *self._waiting)}
         self.state = {"rows": self.batch.rows if rows is None else rows,
-                      "running": len({t.job for t in (*self._by_group.values(), *self._rejoin)}),
-                      "queued": self._queue.qsize() + len({t.job for t in self._waiting})}
+                      "running": sum(job.started for job in jobs),
+                      "queued": self._queue.qsize() + sum(not job.started for job in jobs)}
         if self.metrics is not None:
             self.metrics.queue_depth.set(self.state["queued"])
             self.metrics.batch_rows.set(self.state["rows"])
