@@ -26,6 +26,7 @@ def cli() -> None:
       inspect   validate a checkpoint or a package and describe it
       evaluate  score GLM-130B's YAML tasks (multiple choice, generation, language modelling)
       train     pre-train a GLM with GLM-130B's blank-infilling objective
+      serve     an OpenAI-compatible HTTP server with continuous batching
 
     Run `glmc COMMAND --help` for each command's options.
     """
@@ -33,7 +34,7 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every error is one line on stderr; exit 1 for bad input, 2 for bad usage."""
-    from glmc.cli import convert, evaluate, export, inspect, run, train  # noqa: F401  (registers the commands)
+    from glmc.cli import convert, evaluate, export, inspect, run, serve, train  # noqa: F401  (registers the commands)
 
     watchdog = InterruptWatchdog.arm()
     try:

@@ -66,9 +66,11 @@ class Batch:
         """Positions the cache needs: every group's remaining tokens after `length`."""
         return length + max(g.input.max_new_tokens - g.steps for g in groups)
 
-    def join(self, inputs: list["GenerationInput"], strategy: "Strategy", generators: list[torch.Generator],
-             on_step: list | None = None) -> list[Group]:
-        """Prefill `inputs` together and add them to the batch (one generation each)."""
+    def join(self, inputs: list["GenerationInput"], strategy: "Strategy | list[Strategy]",
+             generators: list[torch.Generator], on_step: list | None = None) -> list[Group]:
+        """Prefill `inputs` together and add them to the batch (one generation each), with one
+        strategy for all or one per input (a server's requests each bring their own)."""
+        strategies = strategy if isinstance(strategy, list) else [strategy] * len(inputs)
         pad_id = self.special.eos  # any valid id: padding is masked out
         width = max(len(i.tokens) for i in inputs)
         pads = [width - len(i.tokens) for i in inputs]
@@ -81,8 +83,8 @@ class Batch:
             mask[row, 0, :p, p:p + max(n - 1, 1)] = False  # padding rows see the context: no empty softmax
         key_masked = torch.stack([torch.cat((torch.ones(p, dtype=torch.bool), i.attention_mask[-1]))
                                   for p, i in zip(pads, inputs)])
-        groups = [Group(i, strategy.start(1, self.special.end_tokens, [g]), (on_step or [None] * len(inputs))[k],
-                        [list(i.tokens)]) for k, (i, g) in enumerate(zip(inputs, generators))]
+        groups = [Group(i, s.start(1, self.special.end_tokens, [g]), (on_step or [None] * len(inputs))[k],
+                        [list(i.tokens)]) for k, (i, s, g) in enumerate(zip(inputs, strategies, generators))]
         length = max(width, self.length)
         capacity = self._capacity(self.groups + groups, length)
         logits, cache = self.executable.prefill(tokens.to(self.device), positions.to(self.device),

@@ -241,18 +241,9 @@ def fill_blanks(
                               f"most {max_sequence_length}")
     if generators is None:
         generators = [strategy.generator() for _ in prompts]
-    states = [_FillState(p, strategy.num_beams) for p in prompts]
-    while active := [s for s in states if s.prompt.mask_id in s.outputs[0]]:
-        requests = []
-        for state in active:
-            seq = state.outputs[0]
-            context = seq + [special.sop]
-            room = out_seq_length - len(context)
-            if room <= 0:
-                raise PromptError(
-                    f"prompt {states.index(state) + 1} is {len(context)} tokens long with its sop; "
-                    f"--out-seq-length {out_seq_length} (the total length) leaves no room to generate")
-            requests.append(BlankRequest(context, seq.index(state.prompt.mask_id), state.prompt.gmask, room))
+    states = [FillState(p, strategy.num_beams) for p in prompts]
+    while active := [s for s in states if not s.done]:
+        requests = [state.next_request(special, out_seq_length, states.index(state)) for state in active]
         step_hook = None
         if on_step is not None:
             rows = [states.index(s) for s in active]
@@ -266,8 +257,9 @@ def fill_blanks(
     return [s.result(special) for s in states]
 
 
-class _FillState:
-    """generate.py's bookkeeping for one prompt across its blanks."""
+class FillState:
+    """generate.py's bookkeeping for one prompt across its blanks (fill_blanks and the server
+    drive it: `next_request`, generate the blank, `absorb`, until `done`)."""
 
     def __init__(self, prompt: Prompt, num_beams: int):
         self.prompt = prompt
@@ -276,6 +268,22 @@ class _FillState:
         self.segments: list[list[tuple[list[int], bool]]] = [[] for _ in range(num_beams)]
         self.blanks: list[list[list[int]]] = [[] for _ in range(num_beams)]
         self.scores: list[float | None] = [None]
+
+    @property
+    def done(self) -> bool:
+        """Every mask is filled (the next blank continues the best beam, as generate.py does)."""
+        return self.prompt.mask_id not in self.outputs[0]
+
+    def next_request(self, special: SpecialTokens, out_seq_length: int, index: int = 0) -> BlankRequest:
+        """The next blank to generate: the leftmost mask of the best sequence so far, its room
+        what `out_seq_length` (the total length) leaves after the context and sop."""
+        seq = self.outputs[0]
+        context = seq + [special.sop]
+        room = out_seq_length - len(context)
+        if room <= 0:
+            raise PromptError(f"prompt {index + 1} is {len(context)} tokens long with its sop; "
+                              f"--out-seq-length {out_seq_length} (the total length) leaves no room to generate")
+        return BlankRequest(context, seq.index(self.prompt.mask_id), self.prompt.gmask, room)
 
     def absorb(self, request: BlankRequest, beams: list[Beam], special: SpecialTokens) -> None:
         sop_index = len(request.context) - 1
