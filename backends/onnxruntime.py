@@ -183,7 +183,8 @@ class OrtExecutable:
         return [self._to_torch(value) for value in cache]
 
 
-def compile(source, mapping: Mapping, spec: RunSpec, comm: Collectives | None = None) -> OrtExecutable:
+def compile(source, mapping: Mapping, spec: RunSpec, comm: Collectives | None = None,
+            progress=None) -> OrtExecutable:
     from glmc.graphs import Package
 
     if not isinstance(source, Package):

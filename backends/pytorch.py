@@ -71,7 +71,7 @@ def intra_op_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-def compile(source, mapping: Mapping, spec: RunSpec, comm=None) -> TorchExecutable:
+def compile(source, mapping: Mapping, spec: RunSpec, comm=None, progress=None) -> TorchExecutable:
     from glmc.checkpoint import SatCheckpoint, load_model
     from glmc.graphs import Package
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from glmc.devices import parse_device
 from glmc.errors import GlmcError
@@ -31,9 +32,10 @@ class RunSpec:
     torch_compile: bool = False  # torch backend: run the model through torch.compile
     collective_timeout: float = 20.0  # seconds a rank waits for its peers before the run stops
     max_batch_size: int = 8  # rows a step may hold (sizes the engines of backends that need it)
+    cache_dir: str | None = None  # packages exported on the fly (and engines); None: ~/.cache/glmc
 
     def __post_init__(self) -> None:
-        for name, kind in (("source", str), ("config", str), ("dtype", str), ("threads", int)):
+        for name, kind in (("source", str), ("config", str), ("dtype", str), ("threads", int), ("cache_dir", str)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
                 raise GlmcError(f"run spec: {name} must be a {kind.__name__} or null, got {value!r}")
@@ -56,6 +58,10 @@ class RunSpec:
         if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not math.isfinite(timeout)
                 or not 0 < timeout <= 86400):
             raise GlmcError(f"run spec: collective_timeout must be in (0, 86400] seconds, got {timeout!r}")
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir if self.cache_dir is not None else "~/.cache/glmc").expanduser()
 
     @property
     def device_kind(self) -> str:
