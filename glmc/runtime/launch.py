@@ -89,7 +89,7 @@ def rank_spec(spec: RunSpec, local_rank: int) -> RunSpec:
                                threads=spec.threads or threads_per_rank(spec))
 
 
-def build_executable(spec: RunSpec, rank: int, compute_group, local_rank: int):
+def build_executable(spec: RunSpec, rank: int, compute_group, local_rank: int, progress=None):
     """This rank's executable, its collectives on `compute_group` (checking that every tensor
     handed to them is on the rank's device)."""
     from glmc import backends
@@ -99,7 +99,7 @@ def build_executable(spec: RunSpec, rank: int, compute_group, local_rank: int):
     mapping = Mapping(spec.tp_size, rank)
     mine = rank_spec(spec, local_rank)
     comm = TorchDistributed(mapping, compute_group, device=mine.device)
-    return backends.open_rank(mine, mapping, comm), comm
+    return backends.open_rank(mine, mapping, comm, progress=progress), comm
 
 
 def threads_per_rank(spec: RunSpec) -> int:
@@ -150,7 +150,7 @@ class Cluster:
     """
 
     def __init__(self, spec: RunSpec, on_failure: Callable[[str], None] | None = None, spawn: bool = True,
-                 rendezvous: Rendezvous | None = None):
+                 rendezvous: Rendezvous | None = None, progress: Callable[[str], None] | None = None):
         # Spawned ranks share this machine's GPUs; torchrun's may span machines (each checks its own).
         check_device(spec.device, spec.tp_size if spawn else 1)
         self.spec = spec
@@ -172,7 +172,7 @@ class Cluster:
                 self._watcher.start()
             self._await("joined", "starting")
             self.compute_group, self.command_group = init_groups(0, spec.tp_size, spec, tcp, 0)
-            local, self.comm = build_executable(spec, 0, self.compute_group, 0)
+            local, self.comm = build_executable(spec, 0, self.compute_group, 0, progress)
             # Every rank has loaded its weights before any computation's short timeout applies.
             self._await("loaded", "loading its weights")
         except BaseException as error:
