@@ -73,9 +73,9 @@ class OrtExecutable:
                             "from_dlpack (to keep tensors on the GPU); upgrade onnxruntime-gpu")
         # One memory map of the rank's weights, shared by every session.
         self._weights = np.memmap(package.weights_path(mapping.rank), dtype=np.uint8, mode="r")
+        self._int4_buffers: list[np.ndarray] = []  # see _ort_value; must outlive the sessions too
         self._initializers = {  # must outlive the sessions
-            name: ort.OrtValue.ortvalue_from_numpy(package.tensor(mapping.rank, name, self._weights))
-            for name in package.manifest["ranks"][mapping.rank]["tensors"]}
+            name: self._ort_value(name) for name in package.manifest["ranks"][mapping.rank]["tensors"]}
         if kind == "cpu":
             providers = [provider]
         else:
@@ -93,9 +93,25 @@ class OrtExecutable:
         self._cache_outputs = [f"present_key_{i}" for i in range(layers)] + [f"present_value_{i}" for i in range(layers)]
         self._cache_inputs = [f"past_key_{i}" for i in range(layers)] + [f"past_value_{i}" for i in range(layers)]
 
+    def _ort_value(self, name: str):
+        rank = self.mapping.rank
+        array = self.package.tensor(rank, name, self._weights)
+        entry = self.package.manifest["ranks"][rank]["tensors"][name]
+        if entry["dtype"] != "INT4":
+            return self.ort.OrtValue.ortvalue_from_numpy(array)
+        # Packed int4, which numpy has no type for: ONNX Runtime takes a buffer of the element shape
+        # and reads the packed bytes from its front, without copying it.
+        buffer = np.zeros(entry["shape"], dtype=np.uint8)
+        buffer.reshape(-1)[: array.size] = array.reshape(-1)
+        self._int4_buffers.append(buffer)
+        return self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(buffer, onnx.TensorProto.INT4)
+
     def _session(self, segment: Segment, providers, threads):
         options = self.ort.SessionOptions()
         options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Weight-only quantized matmuls keep their activations in float: ONNX Runtime would fuse a
+        # DequantizeLinear + MatMul into a MatMulNBits that quantizes them to int8 (level 4).
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if threads:
             options.intra_op_num_threads = threads
         names = [t.name for t in segment.model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]

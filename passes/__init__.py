@@ -16,6 +16,7 @@ from glmc.passes import (
     fuse_rotary,
     prepack_weights,
     tensorrt_ops,
+    weight_only_matmul,
 )
 from glmc.passes.base import TARGETS, PassOutcome, Target, target_named
 
@@ -30,10 +31,12 @@ from glmc.passes.base import TARGETS, PassOutcome, Target, target_named
 # 6. fp32_softmax after the fusions, so it sees what remains of Softmax and the new
 #    Attention nodes alike.
 # 7. cleanup again drops what the fusions left unused and merges repeated nodes.
-# 8. tensorrt_ops last, on the graph as it will be written: a guard (tensorrt target only)
+# 8. weight_only_matmul after the cleanups, which would fold a small dequantization of
+#    constant codes into a float initializer: the copy quantization exists to avoid.
+# 9. tensorrt_ops last, on the graph as it will be written: a guard (tensorrt target only)
 #    that TensorRT's ONNX parser takes every node.
 PIPELINE = (prepack_weights, cleanup, fuse_rotary, fuse_attention, attention_3d, fuse_geglu, fp32_softmax, cleanup,
-            tensorrt_ops)
+            weight_only_matmul, tensorrt_ops)
 
 
 def optimize(model: ir.Model, target: Target | str) -> tuple[ir.Model, dict[str, int], dict[str, list[str]]]:
