@@ -28,10 +28,13 @@ import numpy as np
 import torch
 
 SUPPORTED_BITS = (4, 8)
-# MatMulNBits' block size (and the TensorRT target's INT4 block size). The scale is the same for
-# every block of a row, so the size changes only speed and the repeated scales' bytes; ONNX
-# Runtime's CPU kernels take 16 to 256, and 128 was faster than 32 here.
+# MatMulNBits' block size (and the TensorRT target's INT4 block size), the largest: a matrix of
+# fewer input columns K takes the smallest power of two >= 16 that holds them (`block_size_for`),
+# so that its last block is not mostly padding. The scale is the same for every block of a row,
+# so the size changes only speed and the repeated scales' bytes; ONNX Runtime's CPU kernels take
+# 16 to 256, and 128 was faster than 32 here.
 BLOCK_SIZE = 128
+MIN_BLOCK_SIZE = 16
 
 
 def check_bits(bits, where: str) -> int:
@@ -98,15 +101,21 @@ def glm_codes(q: np.ndarray, bits: int) -> np.ndarray:
     return ((q[..., 0::2] << 4) | (q[..., 1::2] & 0x0F)).astype(np.int8)
 
 
-def blocks_of(k: int, block_size: int = BLOCK_SIZE) -> int:
-    return math.ceil(k / block_size)
+def block_size_for(k: int, largest: int = BLOCK_SIZE) -> int:
+    """The block size of a matrix with K input columns."""
+    return min(largest, max(MIN_BLOCK_SIZE, 1 << (k - 1).bit_length()))
 
 
-def matmul_nbits_layout(codes: np.ndarray, bits: int, block_size: int = BLOCK_SIZE) -> np.ndarray:
+def blocks_of(k: int, largest: int = BLOCK_SIZE) -> int:
+    return math.ceil(k / block_size_for(k, largest))
+
+
+def matmul_nbits_layout(codes: np.ndarray, bits: int) -> np.ndarray:
     """GLM's codes [N, K * bits / 8] -> MatMulNBits' B, uint8 [N, blocks, block_size * bits / 8]."""
     q = signed_codes(codes, bits)
     n, k = q.shape
-    blocks = blocks_of(k, block_size)
+    block_size = block_size_for(k)
+    blocks = blocks_of(k)
     unsigned = np.full((n, blocks * block_size), 2 ** (bits - 1), dtype=np.uint8)  # padding reads as 0
     unsigned[:, :k] = (q.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
     if bits == 4:
@@ -124,9 +133,9 @@ def from_matmul_nbits_layout(b: np.ndarray, bits: int, k: int) -> np.ndarray:
     return glm_codes(q, bits)
 
 
-def block_scales(scale: np.ndarray, k: int, block_size: int = BLOCK_SIZE) -> np.ndarray:
+def block_scales(scale: np.ndarray, k: int) -> np.ndarray:
     """Per-row scales [N] -> MatMulNBits' scales [N * blocks], each row's repeated per block."""
-    return np.repeat(np.asarray(scale), blocks_of(k, block_size))
+    return np.repeat(np.asarray(scale), blocks_of(k))
 
 
 def from_block_scales(scales: np.ndarray, n: int) -> np.ndarray:
@@ -167,12 +176,12 @@ def onnx_int4_values(stored: np.ndarray) -> np.ndarray:
     return np.stack((low, high), axis=-1).reshape(*stored.shape[:-1], stored.shape[-1] * 2)
 
 
-def dequantize_linear_scales(scale: np.ndarray, k: int, bits: int, block_size: int = BLOCK_SIZE) -> np.ndarray:
+def dequantize_linear_scales(scale: np.ndarray, k: int, bits: int) -> np.ndarray:
     """Per-row fp16 scales [N] -> `DequantizeLinear`'s: [N] (int8, per channel), [blocks, N] (int4)."""
     scale = np.asarray(scale, dtype=np.float16)
     if bits == 8:
         return scale
-    return np.ascontiguousarray(np.broadcast_to(scale, (blocks_of(k, block_size), scale.shape[0])))
+    return np.ascontiguousarray(np.broadcast_to(scale, (blocks_of(k), scale.shape[0])))
 
 
 def from_dequantize_linear_scales(stored: np.ndarray, bits: int) -> np.ndarray:

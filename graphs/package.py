@@ -203,7 +203,7 @@ def write_package(
             "source": {"checkpoint": str(Path(ckpt.root).resolve()), "iteration": ckpt.iteration,
                        "tp_size": ckpt.tp_size, "dtype": str(ckpt.info.float_dtype).removeprefix("torch.")},
             "quantization": None if bits is None else {
-                "bits": bits, "block_size": BLOCK_SIZE,
+                "bits": bits, "block_size": BLOCK_SIZE,  # the largest; see glmc.quantization.block_size_for
                 "scheme": "GLM-130B weight-only: symmetric codes, one fp16 absmax scale per output row",
                 "codes_from": "checkpoint" if stored_bits is not None else "export"},
             "passes": passes, "declined": declined, "ranks": ranks, "files": files,

@@ -31,6 +31,7 @@ import onnx
 from glmc.config import GLMConfig, Mapping
 from glmc.errors import GlmcError
 from glmc.fileio import finite_number, sha256_of
+from glmc.quantization import block_size_for
 from glmc.graphs.trace import GRAPHS
 
 FORMAT, FORMAT_VERSION = "glmc-package", 1
@@ -392,14 +393,16 @@ def _quantized_storage(name: str, shape: tuple[int, ...], transform: str, q: Qua
     for MatMulNBits or DequantizeLinear (glmc.quantization's layouts)."""
     n = shape[0]
     matrix = name[: -len("_scale")] if name.endswith("_scale") else name
-    blocks = math.ceil(q.input_width[matrix] / q.block_size)
+    k = q.input_width[matrix]
+    block = block_size_for(k, q.block_size)
+    blocks = math.ceil(k / block)
     if name.endswith("_scale"):
         if transform == "matmul_nbits":
             return [n * blocks], TENSOR_DTYPES[dtype][0]  # in the activations' dtype
         return ([n], "FLOAT16") if q.bits == 8 else ([blocks, n], "FLOAT16")
     if transform == "matmul_nbits":
-        return [n, blocks, q.block_size * q.bits // 8], "UINT8"
-    return [q.input_width[matrix], n], "INT8" if q.bits == 8 else "INT4"
+        return [n, blocks, block * q.bits // 8], "UINT8"
+    return [k, n], "INT8" if q.bits == 8 else "INT4"
 
 
 def _check_parameters(c: _Checker, where: str, value: Any, tensors: dict, config: GLMConfig,

@@ -36,8 +36,8 @@ from glmc.graphs.trace import ExportError
 from glmc.model.quantized import DOMAIN, OP
 from glmc.passes.base import PassOutcome, Target
 from glmc.quantization import (
-    BLOCK_SIZE,
     SUPPORTED_BITS,
+    block_size_for,
     blocks_of,
     block_scales,
     dequantize_linear_layout,
@@ -134,12 +134,12 @@ def _initializer(graph: ir.Graph, lazy: StoredLayout) -> ir.Value:
 
 def _matmul_nbits(graph, node, x, codes, scale, bits, n, k) -> list[ir.Node]:
     nbits = StoredLayout(codes.const_value, lambda c: matmul_nbits_layout(c, bits), ir.DataType.UINT8,
-                         [n, blocks_of(k), BLOCK_SIZE * bits // 8], codes.name + NBITS_SUFFIX)
+                         [n, blocks_of(k), block_size_for(k) * bits // 8], codes.name + NBITS_SUFFIX)
     dtype = x.dtype
     scales = StoredLayout(scale.const_value, lambda s: block_scales(s, k).astype(dtype.numpy()), dtype,
                           [n * blocks_of(k)], scale.name + NBITS_SUFFIX)
     matmul = ir.node("MatMulNBits", [x, _initializer(graph, nbits), _initializer(graph, scales)],
-                     attributes={"K": k, "N": n, "bits": bits, "block_size": BLOCK_SIZE, "accuracy_level": 0},
+                     attributes={"K": k, "N": n, "bits": bits, "block_size": block_size_for(k), "accuracy_level": 0},
                      domain=MICROSOFT, name=f"{node.name}_nbits")
     return [matmul]
 
@@ -156,7 +156,7 @@ def _dequantize_linear(graph, node, x, codes, scale, bits, n, k) -> list[ir.Node
                          [k, n], codes.name + DQ_SUFFIX, axis=1)
         s = StoredLayout(scale.const_value, lambda v: dequantize_linear_scales(v, k, 4), ir.DataType.FLOAT16,
                          [blocks_of(k), n], scale.name + DQ_SUFFIX, axis=1)
-        attributes = {"axis": 0, "block_size": BLOCK_SIZE}
+        attributes = {"axis": 0, "block_size": block_size_for(k)}
     dq = ir.node("DequantizeLinear", [_initializer(graph, q), _initializer(graph, s)], attributes=attributes,
                  name=f"{node.name}_dequantize")
     weight = dq.outputs[0]
@@ -198,7 +198,7 @@ def run(model: ir.Model, target: Target) -> PassOutcome:
         out = nodes[-1].outputs[0]
         out.type, out.shape = node.outputs[0].type, node.outputs[0].shape
         graph.insert_before(node, nodes)
-        node.outputs[0].replace_all_uses_with(out)
+        node.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
         graph.remove(node, safe=True)
         replaced.update((codes, scale))
     for value in replaced:  # GLM's own layout: nothing reads it any more
