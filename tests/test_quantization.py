@@ -654,3 +654,18 @@ def test_export_cli_quantizes(tiny_checkpoint, tmp_path):
         "target unfused has no com.microsoft ops: 12 quantized matmuls as DequantizeLinear + MatMul"]
     graph = onnx.load(str(tmp_path / "p" / "rank0" / "decode.onnx"), load_external_data=False).graph
     assert sum(n.op_type == "DequantizeLinear" for n in graph.node) == 12
+
+
+def test_tensorrt_gets_packed_int4_weights_from_the_package(packages):
+    """The TensorRT backend hands the parser each weight from the package's file: INT4 packed, two
+    codes a byte (its byte count), the bytes the DequantizeLinear layout holds. (Building engines
+    needs TensorRT and a GPU; this is the part that runs here.)"""
+    from glmc.backends.tensorrt import external_weights
+
+    package = Package.open(packages["int4-tensorrt"])
+    model = onnx.load(str(package.graph_path(0, "decode")), load_external_data=False)
+    weights = dict(external_weights(model, package, 0))
+    codes = weights["layers.0.attention.dense.weight.dq"]
+    assert codes.nbytes == 64 * 64 // 2
+    expected = dequantize_linear_layout(package.state_dict(0)["layers.0.attention.dense.weight"].numpy(), 4)
+    assert np.array_equal(codes.reshape(-1), expected.reshape(-1))
