@@ -588,6 +588,23 @@ def test_int4_with_an_odd_column_count_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "pkg").exists()
 
 
+def test_a_checkpoint_of_int4_codes_with_an_odd_column_count_is_one_line(tmp_path):
+    """A shard whose codes say int4 (QKV packed two per byte) for a GeGLU width of 127: its
+    output matrix cannot hold whole bytes of codes."""
+    config = dataclasses.replace(PRESETS["glm-tiny"], num_layers=1, inner_hidden_size=127)
+    state = model_state(init_wide_random_(GLMModel(config), seed=3))
+    for matrix in MATRICES:
+        weight = state.pop(f"layers.0.{matrix}.weight")
+        state[f"layers.0.{matrix}.weight"] = torch.zeros(weight.shape[0], weight.shape[1] // 2, dtype=torch.int8)
+        state[f"layers.0.{matrix}.weight_scale"] = torch.ones(weight.shape[0], dtype=torch.float16)
+    path = save_checkpoint(tmp_path / "odd", config, [state])
+    with pytest.raises(CheckpointError) as error:
+        SatCheckpoint.open(path)
+    assert str(error.value) == (
+        f"{path / '1' / 'mp_rank_00_model_states.pt'}: transformer.layers.0.mlp.dense_4h_to_h.weight: int4 codes "
+        "pack two columns per byte, but the matrix has an odd column count (127) at TP 1")
+
+
 def test_a_bit_width_other_than_4_or_8_is_refused(tiny_checkpoint, tmp_path):
     with pytest.raises(GlmcError, match="--quantization-bit-width: quantization bit width must be 4 or 8, got 3"):
         export(tiny_checkpoint, tmp_path / "pkg", quantization_bits=3)
