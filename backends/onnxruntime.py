@@ -120,6 +120,9 @@ class OrtExecutable:
     def _session(self, segment: Segment, providers, threads):
         options = self.ort.SessionOptions()
         options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Weight-only quantized matmuls keep their activations in float: ONNX Runtime would fuse a
+        # DequantizeLinear + MatMul into a MatMulNBits that quantizes them to int8 (level 4).
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if threads:
             options.intra_op_num_threads = threads
         names = [t.name for t in segment.model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]

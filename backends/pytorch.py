@@ -148,8 +148,14 @@ def model_from_package(package, mapping: Mapping, dtype, device, comm=None) -> G
     if package.tp_size != mapping.tp_size:
         raise GlmcError(f"{package.root}: exported for TP {package.tp_size}, asked to run at TP {mapping.tp_size}")
     dtype = dtype or DTYPES[package.dtype]
-    model = GLMModel(package.config, mapping, dtype=dtype, comm=comm)
-    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in package.state_dict(mapping.rank).items()}
+    model = GLMModel(package.config, mapping, dtype=dtype, quantization_bits=package.quantization_bits, comm=comm)
+    # Float weights take the compute dtype; quantized codes (int8) and their fp16 scales stay as stored.
+    state = {name: tensor.to(device=device, dtype=tensor.dtype if _quantized(name, tensor) else dtype)
+             for name, tensor in package.state_dict(mapping.rank).items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary_cos, model.rotary_sin = model.rotary_cos.to(device), model.rotary_sin.to(device)
     return model.eval()
+
+
+def _quantized(name: str, tensor: torch.Tensor) -> bool:
+    return tensor.dtype == torch.int8 or name.endswith("_scale")

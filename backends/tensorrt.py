@@ -386,8 +386,13 @@ def external_weights(model: onnx.ModelProto, package, rank: int, mmap: np.ndarra
             raise GlmcError(f"{where} points to {reference.get('location')!r} at {reference.get('offset')}, "
                             f"not to its place in {weights_file}")
         array = package.tensor(rank, init.name, mmap)
-        expected = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize * int(np.prod(init.dims, dtype=np.int64))
-        if tuple(array.shape) != tuple(init.dims) or array.nbytes != expected:
+        count = int(np.prod(init.dims, dtype=np.int64))
+        shape = tuple(array.shape)
+        if init.data_type == onnx.TensorProto.INT4 and shape:  # packed two per byte, as ONNX stores it
+            expected, shape = (count + 1) // 2, shape[:-1] + (shape[-1] * 2,)
+        else:
+            expected = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize * count
+        if shape != tuple(init.dims) or array.nbytes != expected:
             raise GlmcError(f"{where}: shape {list(init.dims)} in the graph, {list(array.shape)} in the manifest")
         out.append((init.name, array))
     return out

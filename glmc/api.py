@@ -312,10 +312,14 @@ def export(
     config: str | GLMConfig | None = None,
     tokenizer: str | os.PathLike | None = None,
     tokenizer_variant: str | None = None,
+    quantization_bits: int | None = None,
     overwrite: bool = False,
     progress=None,
 ) -> Path:
-    """Compile a SAT checkpoint (the embedded model when None) into a package for `target`."""
+    """Compile a SAT checkpoint (the embedded model when None) into a package for `target`.
+
+    `quantization_bits` 8 or 4: GLM-130B's weight-only quantization of each layer's four
+    matrices, stored as codes and scales (a quantized checkpoint keeps its own either way)."""
     from glmc.checkpoint import SatCheckpoint
     from glmc.graphs import write_package
 
@@ -332,8 +336,8 @@ def export(
                            "command_base": tok.special.mask}
     return write_package(ckpt, Path(output), tp_size=tp_size, dtype=dtype, target=target,
                          tokenizer=tokenizer_entry, tokenizer_file=tok.path if tok else None,
-                         special_tokens=special.to_dict() if special else None, overwrite=overwrite,
-                         progress=progress)
+                         special_tokens=special.to_dict() if special else None,
+                         quantization_bits=quantization_bits, overwrite=overwrite, progress=progress)
 
 
 def exported_default(cache_dir: Path, dtype: str, target: str = "onnxruntime", wait_seconds: float = 0,

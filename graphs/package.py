@@ -35,11 +35,17 @@ from glmc.fileio import atomic_directory, read_json, sha256_of, write_text_atomi
 from glmc.graphs.seal import (ALIGNMENT, FORMAT, FORMAT_VERSION, GRAPHS, MAX_MANIFEST_BYTES, PackageError, check_files,
                               check_graph, check_manifest)
 from glmc.sources import MANIFEST
+from glmc.quantization import (BLOCK_SIZE, check_bits, from_block_scales, from_dequantize_linear_layout,
+                               from_dequantize_linear_scales, from_matmul_nbits_layout)
 
 WEIGHTS = "weights.bin"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TRANSPOSED = ".T"  # an initializer `W.T` holds the parameter `W` transposed (passes.prepack_weights)
 GROUPED = ".qkv"  # ... with its QKV output columns grouped [q | k | v] (passes.attention_3d)
+NBITS = ".nbits"  # quantized codes or scales in MatMulNBits' layout (passes.weight_only_matmul)
+DEQUANTIZE = ".dq"  # ... in DequantizeLinear's layout
+# Weights that are not floating-point: quantized codes (int8, packed int4 as uint8 or ONNX INT4).
+QUANTIZED_DTYPES = (ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4)
 
 
 def _rank_dir(rank: int) -> str:
@@ -59,10 +65,12 @@ def is_rank_weight(name: str, model_tensors: set[str]) -> bool:
 
 
 def write_weights(models: list[ir.Model], path: Path, model_tensors: set[str]) -> dict[str, dict[str, Any]]:
-    """Write every floating-point rank weight of `models` once into `path`; point the models at it.
+    """Write every rank weight of `models` (floating-point, or quantized codes) once into `path`;
+    point the models at it.
 
     Returns the tensor table: name -> offset, length, dtype, shape. Lazy tensors (the
-    pre-transposed weights) are computed here, one at a time. Graph constants stay
+    pre-transposed weights, the quantized layouts) are computed here, one at a time; 4-bit
+    tensors are written packed, two per byte, as ONNX stores them. Graph constants stay
     inside their graph (see `is_rank_weight`).
     """
     table: dict[str, dict[str, Any]] = {}
@@ -71,7 +79,8 @@ def write_weights(models: list[ir.Model], path: Path, model_tensors: set[str]) -
         for model in models:
             for value in model.graph.initializers.values():
                 tensor = value.const_value
-                if not tensor.dtype.is_floating_point() or not is_rank_weight(value.name, model_tensors):
+                weight = tensor.dtype.is_floating_point() or tensor.dtype in QUANTIZED_DTYPES
+                if not weight or not is_rank_weight(value.name, model_tensors):
                     continue  # graph constants stay in the graph, where shape inference reads them
                 if value.name in external:
                     known = table[value.name]
@@ -84,7 +93,12 @@ def write_weights(models: list[ir.Model], path: Path, model_tensors: set[str]) -
                 offset = -f.tell() % ALIGNMENT + f.tell()
                 f.seek(offset)
                 # Written block by block from views of the source: no whole-tensor copies.
-                blocks = tensor.chunks() if hasattr(tensor, "chunks") else [tensor.numpy()]
+                if hasattr(tensor, "chunks"):
+                    blocks = tensor.chunks()
+                elif tensor.dtype == ir.DataType.INT4:
+                    blocks = [np.frombuffer(tensor.tobytes(), dtype=np.uint8)]  # packed, as ONNX stores it
+                else:
+                    blocks = [tensor.numpy()]
                 for block in blocks:
                     f.write(memoryview(np.ascontiguousarray(block).reshape(-1).view(np.uint8)))
                 length = f.tell() - offset
@@ -97,9 +111,13 @@ def write_weights(models: list[ir.Model], path: Path, model_tensors: set[str]) -
     return table
 
 
-# How the graphs may store a parameter, as initializer-name suffixes (see passes/prepack_weights
-# and passes/attention_3d), outermost last: ".T" transposed, ".qkv" QKV columns grouped.
-STORAGE_FORMS = (("",), (TRANSPOSED,), (GROUPED,), (TRANSPOSED, GROUPED))
+# How the graphs may store a parameter, as initializer-name suffixes (see passes/prepack_weights,
+# passes/attention_3d and passes/weight_only_matmul), outermost last: ".T" transposed, ".qkv" QKV
+# columns grouped, ".nbits" / ".dq" quantized codes and scales in MatMulNBits' / DequantizeLinear's layout.
+STORAGE_FORMS = (("",), (TRANSPOSED,), (GROUPED,), (TRANSPOSED, GROUPED), (NBITS,), (DEQUANTIZE,),
+                 (GROUPED, NBITS), (GROUPED, DEQUANTIZE))
+TRANSFORM_NAMES = {TRANSPOSED: "transpose", GROUPED: "group_qkv", NBITS: "matmul_nbits",
+                   DEQUANTIZE: "dequantize_linear"}
 
 
 def weight_map(state_names: list[str], table: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -109,7 +127,7 @@ def weight_map(state_names: list[str], table: dict[str, Any]) -> dict[str, dict[
     out = {}
     for name in state_names:
         forms = [{"initializer": name + "".join(suffixes),
-                  "transforms": [{TRANSPOSED: "transpose", GROUPED: "group_qkv"}[s] for s in suffixes if s]}
+                  "transforms": [TRANSFORM_NAMES[s] for s in suffixes if s]}
                  for suffixes in STORAGE_FORMS if name + "".join(suffixes) in table]
         if not forms:
             from glmc.graphs.trace import ExportError
@@ -132,31 +150,48 @@ def write_package(
     tokenizer: dict[str, Any] | None = None,
     tokenizer_file: Path | None = None,
     special_tokens: dict[str, int] | None = None,
+    quantization_bits: int | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> Path:
-    """Export `ckpt` (a SatCheckpoint) rank by rank: trace, optimise, write graphs and weights."""
+    """Export `ckpt` (a SatCheckpoint) rank by rank: trace, optimise, write graphs and weights.
+
+    `quantization_bits` (8 or 4) quantizes a float checkpoint's four matrices per layer as
+    GLM-130B does; a quantized checkpoint is exported with its own codes and scales as they are."""
+    from glmc.checkpoint.convert import check_quantized_split
     from glmc.passes import target_named
 
     target_spec = target_named(target)
     dtype = dtype or str(ckpt.info.float_dtype).removeprefix("torch.")
     if dtype not in DTYPES:
         raise PackageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
-    if ckpt.info.quantization_bits is not None:
-        raise PackageError(f"{ckpt.root}: exporting quantized (int{ckpt.info.quantization_bits}) checkpoints is "
-                           "not supported yet; export the unquantized checkpoint")
+    stored_bits = ckpt.info.quantization_bits
+    if quantization_bits is not None:
+        try:
+            check_bits(quantization_bits, "--quantization-bit-width")
+        except ValueError as error:
+            raise PackageError(str(error)) from None
+        if stored_bits is not None and stored_bits != quantization_bits:
+            raise PackageError(f"{ckpt.root}: already quantized to int{stored_bits}; --quantization-bit-width "
+                               f"{quantization_bits} would quantize its codes again (export the unquantized "
+                               "checkpoint instead)")
+    bits = stored_bits if stored_bits is not None else quantization_bits
     config: GLMConfig = ckpt.config
     config.check_mapping(Mapping(tp_size, 0))
+    if bits is not None:
+        check_quantized_split(ckpt, tp_size, bits)  # int4 widths, exact resharding: before any work
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite) as tmp:
         ranks, passes, declined = [], {}, {}
         for rank in range(tp_size):
             entry, rank_passes, rank_declined = _write_rank(ckpt, Mapping(tp_size, rank), DTYPES[dtype],
-                                                            target_spec, tmp, progress)
+                                                            target_spec, tmp, progress, bits)
             ranks.append(entry)
             if rank == 0:  # every rank's graphs have the same structure; rank 0's counts stand for all
                 passes, declined = rank_passes, rank_declined
             gc.collect()  # the exporter's objects hold the rank's weights in reference cycles
+        # The cache is written in place only where the pass rewrote every attention (it is all or none).
+        target = dict(target_spec.to_dict(), static_kv_cache=bool(passes["step"].get("static_kv_cache")))
         tokenizer_entry = None
         if tokenizer_file is not None:
             (tmp / "tokenizer").mkdir()
@@ -168,25 +203,30 @@ def write_package(
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "glmc_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": config.to_dict(), "tp_size": tp_size, "dtype": dtype, "target": target_spec.to_dict(),
+            "config": config.to_dict(), "tp_size": tp_size, "dtype": dtype, "target": target,
             "logits": "vocab-parallel: rank r returns vocabulary rows [r * V / tp, (r + 1) * V / tp)",
             "tokenizer": tokenizer_entry, "special_tokens": special_tokens,
             "source": {"checkpoint": str(Path(ckpt.root).resolve()), "iteration": ckpt.iteration,
                        "tp_size": ckpt.tp_size, "dtype": str(ckpt.info.float_dtype).removeprefix("torch.")},
+            "quantization": None if bits is None else {
+                "bits": bits, "block_size": BLOCK_SIZE,  # the largest; see glmc.quantization.block_size_for
+                "scheme": "GLM-130B weight-only: symmetric codes, one fp16 absmax scale per output row",
+                "codes_from": "checkpoint" if stored_bits is not None else "export"},
             "passes": passes, "declined": declined, "ranks": ranks, "files": files,
         }
         write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return out_dir
 
 
-def _write_rank(ckpt, mapping: Mapping, dtype: torch.dtype, target, tmp: Path, progress: Progress | None):
+def _write_rank(ckpt, mapping: Mapping, dtype: torch.dtype, target, tmp: Path, progress: Progress | None,
+                bits: int | None = None):
     """Trace, optimise and write one rank; nothing of it stays referenced once this returns."""
     from glmc.checkpoint import load_model
     from glmc.graphs.trace import export_graph
     from glmc.passes import optimize
 
     rank = mapping.rank
-    model = load_model(ckpt, mapping, dtype=dtype)
+    model = load_model(ckpt, mapping, dtype=dtype, quantization_bits=bits)
     graphs, passes, declined = {}, {}, {}
     for kind in GRAPHS:
         if progress:
@@ -265,6 +305,12 @@ class Package:
         """Whether the graphs write the KV cache in place (buffers bound as past and present)."""
         return bool(self.manifest["target"].get("static_kv_cache"))
 
+    @property
+    def quantization_bits(self) -> int | None:
+        """8 or 4 for a package of GLM-130B's weight-only quantized matrices, else None."""
+        quantization = self.manifest.get("quantization")
+        return None if quantization is None else int(quantization["bits"])
+
     def graph_path(self, rank: int, kind: str) -> Path:
         return self.root / self.manifest["ranks"][rank]["graphs"][kind]
 
@@ -286,21 +332,46 @@ class Package:
             raise PackageError(f"{self.weights_path(rank)}: tensor {name} (bytes {offset} to {offset + length}) "
                                f"lies outside the file ({data.size} bytes)")
         raw = data[offset: offset + length]
+        if entry["dtype"] == "INT4":  # numpy has no packed 4-bit type: the bytes, two codes each
+            return raw.reshape(*entry["shape"][:-1], -1)
         return raw.view(ir.DataType[entry["dtype"]].numpy()).reshape(entry["shape"])
 
     def state_dict(self, rank: int) -> dict[str, torch.Tensor]:
-        """The reference model's parameters of `rank`, as the graphs store them, un-transposed."""
-        from glmc.passes.attention_3d import ungroup_columns
+        """The reference model's parameters of `rank`, as the graphs store them, un-transposed; a
+        quantized package's codes and scales come back in GLM-130B's layout, bit for bit."""
+        from glmc.checkpoint.layout import expected_parameters
+        from glmc.passes.attention_3d import ungroup_columns, ungroup_rows
 
         data = np.memmap(self.weights_path(rank), dtype=np.uint8, mode="r")
         state = {}
         heads = self.config.num_attention_heads // self.tp_size
+        bits = self.quantization_bits
+        expected = expected_parameters(self.config, Mapping(self.tp_size, rank), bits)
         for name, entry in self.manifest["ranks"][rank]["parameters"].items():
             array = self.tensor(rank, entry["initializer"], data)
             for transform in reversed(entry["transforms"]):
-                array = ungroup_columns(array, heads) if transform == "group_qkv" else array.T
+                if transform == "group_qkv" and expected[name].kind != "float" and array.ndim == 2:
+                    array = ungroup_rows(array, heads)  # quantized codes: one row per output
+                elif transform == "group_qkv":
+                    array = ungroup_columns(array, heads)
+                elif transform == "transpose":
+                    array = array.T
+                else:
+                    array = _glm_layout(array, transform, name, bits, expected[name].shape)
             state[name] = _torch_tensor(np.array(array, order="C"))  # a copy, row-major like the model's own
         return state
+
+
+def _glm_layout(array: np.ndarray, transform: str, name: str, bits: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A quantized parameter as GLM-130B stores it: int8 codes [N, K * bits / 8], fp16 scales [N]."""
+    scale = name.endswith("_scale")
+    if transform == "matmul_nbits":
+        if scale:
+            return from_block_scales(array, shape[0])
+        return from_matmul_nbits_layout(array, bits, shape[1] * 8 // bits)
+    if scale:
+        return from_dequantize_linear_scales(array, bits)
+    return from_dequantize_linear_layout(array, bits)
 
 
 def _torch_tensor(array: np.ndarray) -> torch.Tensor:

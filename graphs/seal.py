@@ -31,6 +31,7 @@ import onnx
 from glmc.config import GLMConfig, Mapping
 from glmc.errors import GlmcError
 from glmc.fileio import finite_number, sha256_of
+from glmc.quantization import block_size_for
 from glmc.sources import MANIFEST
 
 FORMAT, FORMAT_VERSION = "glmc-package", 2  # 2: one step graph per rank (1 had prefill and decode)
@@ -39,6 +40,12 @@ ALIGNMENT = 4096  # page-aligned tensors can be memory-mapped in place
 # Package dtype -> the ONNX element type of its tensors, and that type's size in bytes.
 TENSOR_DTYPES = {"float32": ("FLOAT", 4), "float16": ("FLOAT16", 2), "bfloat16": ("BFLOAT16", 2)}
 TRANSFORMS = ([], ["transpose"], ["group_qkv"], ["transpose", "group_qkv"])  # see package.STORAGE_FORMS
+# A quantized package's codes and scales (passes/weight_only_matmul), and their element types' sizes:
+# INT4 is packed two per byte.
+QUANTIZED_TRANSFORMS = (["matmul_nbits"], ["dequantize_linear"], ["group_qkv", "matmul_nbits"],
+                        ["group_qkv", "dequantize_linear"])
+QUANTIZED_TENSOR_DTYPES = ("UINT8", "INT8", "INT4", "FLOAT16")
+ITEM_BYTES = {"FLOAT": 4, "FLOAT16": 2, "BFLOAT16": 2, "UINT8": 1, "INT8": 1, "INT4": 0.5}
 ROTARY_TABLES = ("rotary_cos", "rotary_sin")  # model buffers the graphs read from the weight file
 
 # A GLM-130B manifest at TP 8 measures 2.6 MiB as `write_package` formats it: 845 tensors
@@ -165,6 +172,7 @@ def check_manifest(path: Path, manifest: Any) -> None:
     except GlmcError as error:
         c.fail("tp_size", str(error))
     dtype = c.choice(c.get(manifest, "dtype", ""), "dtype", tuple(TENSOR_DTYPES))
+    quantization = _check_quantization(c, manifest.get("quantization"))
     _check_target(c, c.get(manifest, "target", ""))
     _check_source(c, c.get(manifest, "source", ""))
     _check_pass_reports(c, manifest)
@@ -187,7 +195,32 @@ def check_manifest(path: Path, manifest: Any) -> None:
     if len(ranks) != tp_size:
         c.fail("ranks", f"holds {len(ranks)} rank(s), but tp_size is {tp_size}")
     for rank, entry in enumerate(ranks):
-        _check_rank(c, rank, entry, config, Mapping(tp_size, rank), dtype, files)
+        _check_rank(c, rank, entry, config, Mapping(tp_size, rank), dtype, files, quantization)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    bits: int
+    block_size: int
+    input_width: dict = dataclasses.field(default_factory=dict)  # matrix name -> K, of one rank
+
+
+def _check_quantization(c: _Checker, value: Any) -> Quantization | None:
+    """Absent or null: float weights. Otherwise GLM-130B's weight-only scheme at 8 or 4 bits, with the
+    block size the graphs store the per-row scales at."""
+    if value is None:
+        return None
+    quantization = c.obj(value, "quantization")
+    bits = c.get(quantization, "bits", "quantization")
+    if isinstance(bits, bool) or bits not in (4, 8):
+        c.fail("quantization.bits", f"expected 4 or 8, got {_kind(bits)}")
+    block = c.integer(c.get(quantization, "block_size", "quantization"), "quantization.block_size", 16, 1 << 16)
+    if block & (block - 1):
+        c.fail("quantization.block_size", f"{block} is not a power of two")
+    for key in ("scheme", "codes_from"):
+        if key in quantization:
+            c.string(quantization[key], f"quantization.{key}", MAX_TEXT)
+    return Quantization(bits, block)
 
 
 def _check_config(c: _Checker, value: Any) -> GLMConfig:
@@ -267,7 +300,7 @@ def _check_special_tokens(c: _Checker, value: Any, config: GLMConfig) -> None:
 
 
 def _check_rank(c: _Checker, rank: int, value: Any, config: GLMConfig, mapping: Mapping, dtype: str,
-                files: dict) -> None:
+                files: dict, quantization: Quantization | None = None) -> None:
     where = f"ranks[{rank}]"
     entry = c.obj(value, where)
     if c.integer(c.get(entry, "rank", where), f"{where}.rank", 0, MAX_TP) != rank:
@@ -281,7 +314,7 @@ def _check_rank(c: _Checker, rank: int, value: Any, config: GLMConfig, mapping: 
     if weights in graphs.values():
         c.fail(f"{where}.weights", f"{show(weights)} is also a graph of the rank")
     tensors = _check_tensors(c, f"{where}.tensors", c.get(entry, "tensors", where), dtype,
-                             files[weights]["bytes"], weights)
+                             files[weights]["bytes"], weights, quantization is not None)
 
     lists = c.obj(c.get(entry, "graph_weights", where), f"{where}.graph_weights")
     if sorted(lists) != sorted(GRAPHS):
@@ -295,20 +328,24 @@ def _check_rank(c: _Checker, rank: int, value: Any, config: GLMConfig, mapping: 
             c.fail(f"{where}.graph_weights.{kind}", "lists a tensor twice")
 
     used = _check_parameters(c, f"{where}.parameters", c.get(entry, "parameters", where), tensors, config,
-                             mapping)
+                             mapping, dtype, quantization)
     for name, tensor in tensors.items():
         if name in used:
             continue
         if name.split(".")[0] not in ROTARY_TABLES:
             c.fail(_field(f"{where}.tensors", name), "neither a parameter nor a rotary table")
+        _check_dtype(c, _field(f"{where}.tensors", name), tensor, TENSOR_DTYPES[dtype][0], dtype)
         if not tensor["shape"] or tensor["shape"][0] != config.max_sequence_length:
             c.fail(_field(f"{where}.tensors", name), f"shape {tensor['shape']}, but a rotary table has a row per "
                                                      f"position (max_sequence_length {config.max_sequence_length})")
 
 
-def _check_tensors(c: _Checker, where: str, value: Any, dtype: str, file_bytes: int, weights: str) -> dict:
-    """The tensor table: every entry inside the weight file, aligned, sized by its shape, none overlapping."""
-    onnx_dtype, itemsize = TENSOR_DTYPES[dtype]
+def _check_tensors(c: _Checker, where: str, value: Any, dtype: str, file_bytes: int, weights: str,
+                   quantized: bool = False) -> dict:
+    """The tensor table: every entry inside the weight file, aligned, sized by its shape, none overlapping.
+    (Which dtype each tensor must have is checked with what it stores: `_check_parameters`.)"""
+    onnx_dtype = TENSOR_DTYPES[dtype][0]
+    allowed = (onnx_dtype, *QUANTIZED_TENSOR_DTYPES) if quantized else (onnx_dtype,)
     tensors = c.obj(value, where)
     spans = []
     for name, entry in tensors.items():
@@ -318,16 +355,21 @@ def _check_tensors(c: _Checker, where: str, value: Any, dtype: str, file_bytes: 
         offset = c.integer(c.get(entry, "offset", at), f"{at}.offset")
         length = c.integer(c.get(entry, "length", at), f"{at}.length")
         tensor_dtype = c.get(entry, "dtype", at)
-        if tensor_dtype != onnx_dtype:
-            c.fail(f"{at}.dtype", f"expected {onnx_dtype} (the package's dtype is {dtype}), got {_kind(tensor_dtype)}")
+        if tensor_dtype not in allowed:
+            what = "a quantized package's codes, scales or" if quantized else "the"
+            c.fail(f"{at}.dtype", f"expected {', '.join(allowed)} ({what} package's dtype {dtype}), "
+                                  f"got {_kind(tensor_dtype)}")
         shape = c.array(c.get(entry, "shape", at), f"{at}.shape")
         if len(shape) > MAX_RANK_DIMS:
             c.fail(f"{at}.shape", f"{len(shape)} dimensions, more than {MAX_RANK_DIMS}")
         for i, dim in enumerate(shape):
             c.integer(dim, f"{at}.shape[{i}]")
-        if length != math.prod(shape) * itemsize:
-            c.fail(f"{at}.length", f"{length} bytes, but shape {shape} of {onnx_dtype} holds "
-                                   f"{math.prod(shape) * itemsize}")
+        if tensor_dtype == "INT4" and (not shape or shape[-1] % 2):
+            c.fail(f"{at}.shape", f"INT4 codes are stored two per byte along the last axis: {shape} has an odd "
+                                  "(or no) last axis")
+        size = math.ceil(math.prod(shape) * ITEM_BYTES[tensor_dtype])
+        if length != size:
+            c.fail(f"{at}.length", f"{length} bytes, but shape {shape} of {tensor_dtype} holds {size}")
         if offset % ALIGNMENT:
             c.fail(f"{at}.offset", f"{offset} is not a multiple of {ALIGNMENT} (tensors are written aligned)")
         if offset + length > file_bytes:
@@ -341,34 +383,86 @@ def _check_tensors(c: _Checker, where: str, value: Any, dtype: str, file_bytes: 
     return tensors
 
 
+def _check_dtype(c: _Checker, where: str, tensor: dict, expected: str, dtype: str) -> None:
+    if tensor["dtype"] != expected:
+        c.fail(f"{where}.dtype", f"expected {expected} (the package's dtype is {dtype}), got {_kind(tensor['dtype'])}")
+
+
+def _quantized_storage(name: str, shape: tuple[int, ...], transform: str, q: Quantization,
+                       dtype: str) -> tuple[list[int], str]:
+    """(shape, ONNX dtype) of a quantized parameter (GLM's codes [N, K * bits / 8] or scales [N]) stored
+    for MatMulNBits or DequantizeLinear (glmc.quantization's layouts)."""
+    n = shape[0]
+    matrix = name[: -len("_scale")] if name.endswith("_scale") else name
+    k = q.input_width[matrix]
+    block = block_size_for(k, q.block_size)
+    blocks = math.ceil(k / block)
+    if name.endswith("_scale"):
+        if transform == "matmul_nbits":
+            return [n * blocks], TENSOR_DTYPES[dtype][0]  # in the activations' dtype
+        return ([n], "FLOAT16") if q.bits == 8 else ([blocks, n], "FLOAT16")
+    if transform == "matmul_nbits":
+        return [n, blocks, block * q.bits // 8], "UINT8"
+    return [k, n], "INT8" if q.bits == 8 else "INT4"
+
+
 def _check_parameters(c: _Checker, where: str, value: Any, tensors: dict, config: GLMConfig,
-                      mapping: Mapping) -> set[str]:
-    """The parameter map names every parameter of the rank once, stored in a tensor of its shape;
-    returns the tensors that store them."""
+                      mapping: Mapping, dtype: str = "float32", quantization: Quantization | None = None) -> set[str]:
+    """The parameter map names every parameter of the rank once, stored in a tensor of its shape and
+    dtype (a quantized package's codes and scales in one of the quantized layouts); returns the
+    tensors that store them."""
     from glmc.checkpoint.layout import expected_parameters
 
     parameters = c.obj(value, where)
-    per_layer, outside = 12, 3  # parameters of a layer; the embedding and the final layernorm
+    # Parameters of a layer (and its four scales when quantized); the embedding and the final layernorm.
+    per_layer, outside = 12 + (4 if quantization else 0), 3
     if len(parameters) != per_layer * config.num_layers + outside:  # before listing num_layers' names
-        c.fail(where, f"{len(parameters)} parameters, but a {config.num_layers}-layer model has "
-                      f"{per_layer * config.num_layers + outside}")
-    expected = expected_parameters(config, mapping)
+        c.fail(where, f"{len(parameters)} parameters, but a {config.num_layers}-layer model"
+                      f"{' quantized' if quantization else ''} has {per_layer * config.num_layers + outside}")
+    expected = expected_parameters(config, mapping, quantization.bits if quantization else None)
+    if quantization is not None:  # each matrix's input width K, for its scales' block count
+        quantization = dataclasses.replace(quantization, input_width={
+            name: want.shape[1] * 8 // quantization.bits for name, want in expected.items() if want.kind == "int8"})
     used = set()
     for name, entry in parameters.items():
         at = _field(where, name)
         if name not in expected:
             c.fail(at, "not a parameter of the model")
         entry = c.obj(entry, at)
+        if expected[name].kind != "float":
+            initializer = c.get(entry, "initializer", at)
+            if not isinstance(initializer, str) or initializer not in tensors:
+                c.fail(f"{at}.initializer", f"{show(initializer)} is not in the rank's tensor table")
+            transforms = c.get(entry, "transforms", at)
+            if transforms not in QUANTIZED_TRANSFORMS:
+                c.fail(f"{at}.transforms", f"expected one of {show(QUANTIZED_TRANSFORMS)} for quantized codes and "
+                                           f"scales, got {_kind(transforms)}")
+            if "group_qkv" in transforms and not name.endswith(("query_key_value.weight", "query_key_value.weight_scale")):
+                c.fail(f"{at}.transforms", "only the QKV projection has grouped columns")
+            if initializer in used:
+                c.fail(f"{at}.initializer", f"{show(initializer)} already stores another parameter")
+            pair = name[: -len("_scale")] if name.endswith("_scale") else name + "_scale"
+            partner = parameters.get(pair)
+            if isinstance(partner, dict) and partner.get("transforms") != transforms:
+                c.fail(f"{at}.transforms", f"{show(transforms)}, but {show(pair)} is stored as "
+                                           f"{show(partner.get('transforms'))}: codes and scales go together")
+            stored, stored_dtype = _quantized_storage(name, expected[name].shape, transforms[-1], quantization, dtype)
+            if tensors[initializer]["shape"] != stored or tensors[initializer]["dtype"] != stored_dtype:
+                c.fail(f"{at}.initializer", f"tensor {show(initializer)} is {tensors[initializer]['shape']} of "
+                                            f"{tensors[initializer]['dtype']}, {transforms[-1]} stores this "
+                                            f"parameter as {stored} of {stored_dtype}")
+            used.add(initializer)
+            continue
         forms = [entry] + [c.obj(extra, f"{at}.also[{i}]")
                            for i, extra in enumerate(c.array(entry.get("also", []), f"{at}.also"))]
         for i, form in enumerate(forms):
             _check_storage_form(c, at if i == 0 else f"{at}.also[{i - 1}]", name, form, tensors,
-                                list(expected[name].shape), used)
+                                list(expected[name].shape), used, dtype)
     return used
 
 
 def _check_storage_form(c: _Checker, at: str, name: str, form: dict, tensors: dict, shape: list[int],
-                        used: set[str]) -> None:
+                        used: set[str], dtype: str) -> None:
     """One tensor storing parameter `name` (of `shape`), transformed as `form` says."""
     initializer = c.get(form, "initializer", at)
     if not isinstance(initializer, str) or initializer not in tensors:
@@ -386,6 +480,7 @@ def _check_storage_form(c: _Checker, at: str, name: str, form: dict, tensors: di
     if tensors[initializer]["shape"] != stored:
         c.fail(f"{at}.initializer", f"tensor {show(initializer)} has shape {tensors[initializer]['shape']}, "
                                     f"the model's parameter stored this way has {stored}")
+    _check_dtype(c, _field(at, "initializer"), tensors[initializer], TENSOR_DTYPES[dtype][0], dtype)
     used.add(initializer)
 
 

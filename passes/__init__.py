@@ -17,6 +17,7 @@ from glmc.passes import (
     prepack_weights,
     static_kv_cache,
     tensorrt_ops,
+    weight_only_matmul,
 )
 from glmc.passes.base import TARGETS, PassOutcome, Target, target_named
 
@@ -33,10 +34,12 @@ from glmc.passes.base import TARGETS, PassOutcome, Target, target_named
 # 7. static_kv_cache after fp32_softmax: it takes the fused Attention (3-D, FP32 softmax)
 #    to GroupQueryAttention writing the cache in place.
 # 8. cleanup again drops what the fusions left unused and merges repeated nodes.
-# 9. tensorrt_ops last, on the graph as it will be written: a guard (tensorrt target only)
+# 9. weight_only_matmul after the cleanups, which would fold a small dequantization of
+#    constant codes into a float initializer: the copy quantization exists to avoid.
+# 10. tensorrt_ops last, on the graph as it will be written: a guard (tensorrt target only)
 #    that TensorRT's ONNX parser takes every node.
 PIPELINE = (prepack_weights, cleanup, fuse_rotary, fuse_attention, attention_3d, fuse_geglu, fp32_softmax,
-            static_kv_cache, cleanup, tensorrt_ops)
+            static_kv_cache, cleanup, weight_only_matmul, tensorrt_ops)
 
 
 def optimize(model: ir.Model, target: Target | str) -> tuple[ir.Model, dict[str, int], dict[str, list[str]]]:

@@ -7,11 +7,14 @@ back. Both ops also take 3-D inputs with a head count, so with the QKV weight's
 output columns regrouped as [all q | all k | all v] the whole detour disappears.
 
 Pattern: Add(MatMul(x, W), b) -> Reshape -> Split(3) -> Transpose x3 ->
-RotaryEmbedding(q), RotaryEmbedding(k) -> Div(q) -> Attention -> Transpose -> Reshape.
-Check: W and b constants; the reshape ends in [heads, 3 * hd]; the transposes swap
-seq and heads; the context goes back to [b, s, heads * hd].
-Rewrite: W and b with regrouped columns (`W.qkv`, `b.qkv`, computed lazily), one
-Split into q, k, v [b, s, h], RotaryEmbedding and Attention with num_heads /
+RotaryEmbedding(q), RotaryEmbedding(k) -> Div(q) -> Attention -> Transpose -> Reshape;
+in a quantized model Add(glmc.WeightOnlyMatMul(x, codes, scale), b) in place of the
+MatMul (GLM's codes [N, K * bits / 8] and scales [N], one per output row).
+Check: W (or codes and scales) and b constants; the reshape ends in [heads, 3 * hd];
+the transposes swap seq and heads; the context goes back to [b, s, heads * hd].
+Rewrite: W and b with regrouped columns (`W.qkv`, `b.qkv`, computed lazily; the codes'
+rows and the scales regrouped alike, exactly: each output row keeps its own codes and
+scale), one Split into q, k, v [b, s, h], RotaryEmbedding and Attention with num_heads /
 q_num_heads / kv_num_heads. The numbers are the same dot products, reordered.
 Attention returns the cache as [b, heads, seq, hd] when it has a past; without
 one (prefill) k and v are reshaped to that layout for the graph's outputs.
@@ -23,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from glmc.model.quantized import DOMAIN
 from glmc.passes.base import PassOutcome, Target, constant, ints
 
 NAME = "attention_3d"
@@ -43,20 +47,38 @@ def ungroup_columns(array: np.ndarray, heads: int) -> np.ndarray:
     return np.ascontiguousarray(array.reshape(*lead, 3, heads, hd).swapaxes(-3, -2).reshape(*lead, 3 * heads * hd))
 
 
+def group_rows(array: np.ndarray, heads: int) -> np.ndarray:
+    """First axis [heads, 3, hd] (head-major) -> [3, heads, hd]: a quantized weight's output rows."""
+    return np.ascontiguousarray(group_columns(array.T, heads).T)
+
+
+def ungroup_rows(array: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse of `group_rows`."""
+    return np.ascontiguousarray(ungroup_columns(array.T, heads).T)
+
+
 class GroupedColumns(ir.LazyTensor):
-    def __init__(self, source: ir.TensorProtocol, heads: int, name: str):
-        super().__init__(lambda: ir.tensor(group_columns(source.numpy(), heads), name=name),
+    """`source` with its output features regrouped: the last axis of a float weight [K, N] or a
+    bias or scales [N]; the first of quantized codes [N, K * bits / 8] (`rows`)."""
+
+    def __init__(self, source: ir.TensorProtocol, heads: int, name: str, rows: bool = False):
+        regroup = group_rows if rows else group_columns
+        super().__init__(lambda: ir.tensor(regroup(source.numpy(), heads), name=name),
                          dtype=source.dtype, shape=ir.Shape(list(source.shape)), name=name)
 
 
 class Attention3D(pattern.RewriteRuleClassBase):
-    def __init__(self, outcome: PassOutcome, *, with_past: bool):
-        super().__init__(name=f"GLMAttention3D(past={with_past})")
-        self.outcome, self.with_past = outcome, with_past
+    def __init__(self, outcome: PassOutcome, *, with_past: bool, quantized: bool):
+        super().__init__(name=f"GLMAttention3D(past={with_past}, quantized={quantized})")
+        self.outcome, self.with_past, self.quantized = outcome, with_past, quantized
 
-    def pattern(self, op, x, weight, bias, qkv_shape, cos, sin, positions, divisor, mask, past_k, past_v,
+    def pattern(self, op, x, weight, scale, bias, qkv_shape, cos, sin, positions, divisor, mask, past_k, past_v,
                 out_shape):
-        qkv = op.Reshape(op.Add(op.MatMul(x, weight), bias), qkv_shape, _outputs=["qkv4"])
+        if self.quantized:
+            product = op.WeightOnlyMatMul(x, weight, scale, _domain=DOMAIN, _outputs=["qkv_product"])
+        else:
+            product = op.MatMul(x, weight, _outputs=["qkv_product"])
+        qkv = op.Reshape(op.Add(product, bias), qkv_shape, _outputs=["qkv4"])
         q, k, v = op.Split(qkv, _outputs=["q4", "k4", "v4"])
         q = op.Transpose(q, _outputs=["qt"])
         k = op.Transpose(k, _outputs=["kt"])
@@ -72,21 +94,22 @@ class Attention3D(pattern.RewriteRuleClassBase):
         # Without a past, the cache the graph returns is k and v themselves, [b, heads, s, hd].
         return (out, present_k, present_v) if self.with_past else (out, k, v)
 
-    def check(self, context, weight, bias, qkv4, qt, kt, vt, context_t, out_shape, **_) -> pattern.MatchResult:
-        reason = self.why_not(weight, bias, qkv4, qt, kt, vt, context_t, out_shape)
+    def check(self, context, weight, bias, qkv4, qt, kt, vt, context_t, out_shape, scale=None,
+              **_) -> pattern.MatchResult:
+        reason = self.why_not(weight, scale, bias, qkv4, qt, kt, vt, context_t, out_shape)
         if reason:
             self.outcome.declined.append(reason)
             return pattern.MatchResult().fail(reason)
         return pattern.MatchResult()
 
-    @staticmethod
-    def why_not(weight, bias, qkv4, qt, kt, vt, context_t, out_shape) -> str | None:
-        if constant(weight) is None or constant(bias) is None:
+    def why_not(self, weight, scale, bias, qkv4, qt, kt, vt, context_t, out_shape) -> str | None:
+        if constant(weight) is None or constant(bias) is None or (self.quantized and constant(scale) is None):
             return "the QKV weight or bias is not a constant"
         if qkv4.shape is None or len(qkv4.shape) != 4 or not all(isinstance(d, int) for d in qkv4.shape[2:]):
             return f"{qkv4.name}: not reshaped to [b, s, heads, 3 * hd] with static heads"
         heads, width = qkv4.shape[2], qkv4.shape[3]
-        if width % 3 or weight.shape[-1] != heads * width:
+        outputs = weight.shape[0] if self.quantized else weight.shape[-1]  # codes [N, ...], W^T [K, N]
+        if width % 3 or outputs != heads * width:
             return f"{qkv4.name}: the reshape does not split the QKV output head-major"
         for t in (qt, kt, vt, context_t):
             perm = t.producer().attributes.get("perm")
@@ -101,14 +124,20 @@ class Attention3D(pattern.RewriteRuleClassBase):
         return None
 
     def rewrite(self, op, x, weight, bias, qkv4, cos, sin, positions, divisor, mask, past_k, past_v,
-                q_rot, **values):
+                q_rot, scale=None, **values):
         self.outcome.count += 1
         heads = qkv4.shape[2]
-        grouped = []
-        for value in (weight, bias):
+
+        def grouped(value, rows=False):
             name = value.name + SUFFIX
-            grouped.append(op.initializer(GroupedColumns(value.const_value, heads, name), name=name))
-        q, k, v = op.Split(op.Add(op.MatMul(x, grouped[0]), grouped[1]), axis=-1, num_outputs=3, _outputs=3)
+            return op.initializer(GroupedColumns(value.const_value, heads, name, rows), name=name)
+
+        if self.quantized:
+            bits = values["qkv_product"].producer().attributes["bits"].as_int()
+            product = op.WeightOnlyMatMul(x, grouped(weight, rows=True), grouped(scale), bits=bits, _domain=DOMAIN)
+        else:
+            product = op.MatMul(x, grouped(weight))
+        q, k, v = op.Split(op.Add(product, grouped(bias)), axis=-1, num_outputs=3, _outputs=3)
         q = op.Div(op.RotaryEmbedding(q, cos, sin, positions, num_heads=heads, interleaved=0), divisor)
         k = op.RotaryEmbedding(k, cos, sin, positions, num_heads=heads, interleaved=0)
         attributes = {a.name: a for a in values["attn_out"].producer().attributes.values()}
@@ -126,6 +155,7 @@ def run(model: ir.Model, target: Target) -> PassOutcome:
     if not (target.fused_attention and target.fused_rotary):
         outcome.declined.append(f"target {target.name} has no fused attention to reshape")
         return outcome
-    rules = [Attention3D.rule(outcome, with_past=past) for past in (True, False)]
+    rules = [Attention3D.rule(outcome, with_past=past, quantized=quantized)
+             for past in (True, False) for quantized in (False, True)]
     pattern.RewriteRuleSet(rules).apply_to_model(model)
     return outcome

@@ -150,12 +150,13 @@ def run(model: ir.Model, target: Target) -> PassOutcome:
     attentions = [n for n in graph if n.op_type == "Attention" and n.domain == ""]
     if not attentions:
         return outcome
+    # All or none: the backend binds either every layer's cache as static buffers or none.
+    reasons = [reason for reason in map(check, attentions) if reason is not None]
+    if reasons:
+        outcome.declined.extend(reasons)
+        return outcome
     shared = _Shared(graph)
     for node in attentions:
-        reason = check(node)
-        if reason is not None:
-            outcome.declined.append(reason)
-            continue
         rewrite(graph, node, shared)
         outcome.count += 1
     if outcome.count:

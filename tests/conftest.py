@@ -98,3 +98,35 @@ def tiny_package_tp2(tiny_checkpoint, tmp_path_factory):
 def sat_tiny_package(tmp_path_factory):
     """The SAT golden model compiled for ONNX Runtime."""
     return _export(SAT_TINY / "checkpoint", tmp_path_factory.mktemp("pkg") / "sat-tiny")
+
+
+def run_ort(model, feeds):
+    """Run a graph (an onnx_ir model); one whose cache is static (GroupQueryAttention) gets buffers
+    holding the past with room for the new tokens, bound as both past and present, and returns what
+    they hold after."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from glmc.passes import static_kv_cache
+
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    static = any(static_kv_cache.is_static_attention(n) for n in model.graph)
+    if not static:
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(None, feeds)))
+    total = feeds["attention_mask"].shape[-1]
+    binding = session.io_binding()
+    binding.bind_output("logits", "cpu")
+    buffers = {}
+    for name, value in feeds.items():
+        if name.startswith("past_"):
+            buffer = np.zeros(value.shape[:2] + (total,) + value.shape[3:], value.dtype)
+            buffer[:, :, :value.shape[2]] = value
+            buffers[name.replace("past_", "present_")] = buffer
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buffer))
+        else:
+            binding.bind_cpu_input(name, value)
+    for name, buffer in buffers.items():
+        binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buffer))
+    session.run_with_iobinding(binding)
+    return {"logits": binding.get_outputs()[0].numpy(), **buffers}

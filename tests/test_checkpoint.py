@@ -135,9 +135,10 @@ def test_quantize_follows_glm130b(tiny_model):
     assert (dequantize(q, scale, 8).float() - w.float()).abs().max() <= scale.float().max() / 2 + 1e-3
 
 
-def test_quantized_checkpoint_refuses_another_tp(tiny_checkpoint, tmp_path):
+def test_quantized_checkpoint_refuses_an_inexact_merge(tiny_checkpoint, tmp_path):
+    """Quantized at TP 2, the row-parallel matrices have a scale per rank: one row cannot hold two."""
     convert_checkpoint(SatCheckpoint.open(tiny_checkpoint), tmp_path / "q", 2, quantization_bits=8)
-    with pytest.raises(CheckpointError, match="quantized checkpoint cannot change TP"):
+    with pytest.raises(CheckpointError, match="dense.weight_scale differs from source rank 0's"):
         load_model(SatCheckpoint.open(tmp_path / "q"), Mapping(1, 0))
 
 

@@ -7,7 +7,6 @@ import functools
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
@@ -25,6 +24,7 @@ from glmc.passes import (
     prepack_weights,
     static_kv_cache,
 )
+from conftest import run_ort
 from tolerances import assert_close
 
 ONNX_RUNTIME = TARGETS["onnxruntime"]
@@ -89,32 +89,6 @@ def prefill_inputs(tiny_model, batch=2, length=7, seed=1):
     for i, (k, v) in enumerate(out.kv_cache):
         expected[f"present_key_{i}"], expected[f"present_value_{i}"] = k.numpy(), v.numpy()
     return feeds, expected
-
-
-def run_ort(model: ir.Model, feeds):
-    """Run a graph; one whose cache is static (GroupQueryAttention) gets buffers holding the past with
-    room for the new tokens, bound as both past and present, and returns what they hold after."""
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
-    static = any(static_kv_cache.is_static_attention(n) for n in model.graph)
-    if not static:
-        names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(None, feeds)))
-    total = feeds["attention_mask"].shape[-1]
-    binding = session.io_binding()
-    binding.bind_output("logits", "cpu")
-    buffers = {}
-    for name, value in feeds.items():
-        if name.startswith("past_"):
-            buffer = np.zeros(value.shape[:2] + (total,) + value.shape[3:], value.dtype)
-            buffer[:, :, :value.shape[2]] = value
-            buffers[name.replace("past_", "present_")] = buffer
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buffer))
-        else:
-            binding.bind_cpu_input(name, value)
-    for name, buffer in buffers.items():
-        binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buffer))
-    session.run_with_iobinding(binding)
-    return {"logits": binding.get_outputs()[0].numpy(), **buffers}
 
 
 def assert_matches_eager(model, tiny_model, what, inputs=decode_inputs):

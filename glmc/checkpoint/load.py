@@ -11,7 +11,8 @@ import torch
 from glmc.config import GLMConfig, Mapping
 from glmc.model import GLMModel
 from glmc.model.parallel import Collectives
-from glmc.checkpoint.convert import iter_rank_weights
+from glmc.checkpoint.convert import iter_rank_weights, quantize_weights
+from glmc.errors import CheckpointError
 from glmc.fileio import atomic_directory, write_text_atomic
 from glmc.checkpoint.sat import (
     CONFIG_FILE,
@@ -29,13 +30,23 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     comm: Collectives | None = None,
+    quantization_bits: int | None = None,
 ) -> GLMModel:
-    """The model of rank `mapping.rank` at `mapping.tp_size`, resharding on the fly if needed."""
+    """The model of rank `mapping.rank` at `mapping.tp_size`, resharding on the fly if needed.
+
+    `quantization_bits` quantizes a float checkpoint's matrices as they load, from the weights
+    as stored (as `glmc convert --quantization-bit-width` does); a quantized checkpoint loads
+    its own codes."""
     dtype = dtype or ckpt.info.float_dtype
-    model = GLMModel(ckpt.config, mapping, dtype=dtype, quantization_bits=ckpt.info.quantization_bits,
-                     comm=comm)
+    stored = ckpt.info.quantization_bits
+    if quantization_bits is not None and stored is not None and quantization_bits != stored:
+        raise CheckpointError(f"{ckpt.root}: already quantized to int{stored}, cannot load as int{quantization_bits}")
+    bits = stored if stored is not None else quantization_bits
+    model = GLMModel(ckpt.config, mapping, dtype=dtype, quantization_bits=bits, comm=comm)
     state = {}
     for weights in iter_rank_weights(ckpt, mapping):
+        if stored is None and bits is not None:
+            weights = quantize_weights(weights, bits)
         for name, tensor in weights.items():
             # Float weights take the model dtype; int8 codes and fp16 scales stay as stored.
             keep = tensor.dtype == torch.int8 or name.endswith("_scale")

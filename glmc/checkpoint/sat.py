@@ -150,10 +150,29 @@ def shard_info(path: Path, state: dict[str, torch.Tensor], config: GLMConfig, tp
     bits = None
     qkv = state.get("layers.0.attention.query_key_value.weight")
     if qkv is not None and qkv.dtype == torch.int8:
-        bits = 8 if qkv.shape[-1] == config.hidden_size else 4
+        bits = _quantization_bits(path, qkv, config, tp_size)
     info = ShardInfo(float_dtypes.pop(), bits)
     _check_against(path, state, expected_parameters(config, Mapping(tp_size, 0), bits), info, config, tp_size)
     return info
+
+
+def _quantization_bits(path: Path, qkv: torch.Tensor, config: GLMConfig, tp_size: int) -> int:
+    """GLM-130B's bit width (8 or 4) from the width of the first matrix's int8 codes, or one line saying
+    why the codes fit neither."""
+    key = f"{SAT_PREFIX}layers.0.attention.query_key_value.weight"
+    width = qkv.shape[-1] if qkv.dim() == 2 else 0
+    bits = {config.hidden_size: 8, config.hidden_size / 2: 4}.get(width)
+    if bits is None:
+        ratio = f"{8 * width / config.hidden_size:g}" if config.hidden_size else "?"
+        raise CheckpointError(f"{path}: {key}: int8 codes {width} bytes wide for {config.hidden_size} input "
+                              f"columns, a quantization bit width of {ratio}; GLM-130B's are 8 or 4")
+    odd = [(name, k) for name, k in (("attention.dense", config.hidden_size // tp_size),
+                                     ("mlp.dense_4h_to_h", config.inner_hidden_size // tp_size),
+                                     ("attention.query_key_value", config.hidden_size)) if k % 2]
+    if bits == 4 and odd:
+        raise CheckpointError(f"{path}: {SAT_PREFIX}layers.0.{odd[0][0]}.weight: int4 codes pack two columns "
+                              f"per byte, but the matrix has an odd column count ({odd[0][1]}) at TP {tp_size}")
+    return bits
 
 
 def _check_against(path: Path, state: dict[str, torch.Tensor], expected: dict[str, Expected],
@@ -168,10 +187,11 @@ def _check_against(path: Path, state: dict[str, torch.Tensor], expected: dict[st
                 f"{path}: {SAT_PREFIX}{name} has shape {list(tensor.shape)}, expected "
                 f"{list(want.shape)} {where}")
         kind_ok = {"float": tensor.dtype == info.float_dtype, "int8": tensor.dtype == torch.int8,
-                   "scale": tensor.is_floating_point()}[want.kind]
+                   "scale": tensor.dtype == torch.float16}[want.kind]
         if not kind_ok:
+            wanted = {"scale": "float16 (GLM-130B's per-row scales)", "int8": "int8 codes"}.get(want.kind, want.kind)
             raise CheckpointError(f"{path}: {SAT_PREFIX}{name} has dtype "
-                                  f"{str(tensor.dtype).removeprefix('torch.')}, expected {want.kind}")
+                                  f"{str(tensor.dtype).removeprefix('torch.')}, expected {wanted}")
     unknown = sorted(set(state) - set(expected))
     if unknown:
         raise CheckpointError(f"{path}: unknown key {SAT_PREFIX}{quoted(unknown[0])[1:-1]}"

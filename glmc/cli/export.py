@@ -21,6 +21,9 @@ from glmc.cli import cli
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "unfused"]), default="onnxruntime",
               help="Backend the passes optimise for: onnxruntime (fused Attention, RotaryEmbedding, GeGLU), "
                    "tensorrt (primitives TensorRT fuses itself, no com.microsoft ops), unfused (baseline).")
+@click.option("--quantization-bit-width", type=click.Choice(["4", "8"]),
+              help="Quantize each layer's four matrices to int8 or int4 as GLM-130B does (per-row fp16 "
+                   "scales); the package stores codes and scales. A quantized checkpoint keeps its own.")
 @click.option("--config", "config_name", metavar="NAME", help="Model preset for a checkpoint without model_config.json.")
 @click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=Path),
               help="icetk's ice_text.model to ship in the package. Default: the checkpoint's own.")
@@ -28,8 +31,8 @@ from glmc.cli import cli
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new package is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (pass counts, files, peak memory).")
 @click.option("--progress/--no-progress", default=True, help="Show progress on stderr.")
-def export(checkpoint, output, tp_size, dtype, target, config_name, tokenizer, tokenizer_variant, force, as_json,
-           progress):
+def export(checkpoint, output, tp_size, dtype, target, quantization_bit_width, config_name, tokenizer,
+           tokenizer_variant, force, as_json, progress):
     """Compile CHECKPOINT (default: the embedded model) into a package for `glmc run --package`.
 
     Each rank of the reference model is traced with torch.onnx (dynamo, opset 23)
@@ -41,9 +44,14 @@ def export(checkpoint, output, tp_size, dtype, target, config_name, tokenizer, t
     The package appears only once complete, with a manifest of every file's size
     and sha256.
 
+    With --quantization-bit-width (or from a quantized checkpoint) the four matrices
+    of each layer stay int8 / int4: com.microsoft.MatMulNBits for ONNX Runtime,
+    DequantizeLinear feeding MatMul for the tensorrt and unfused targets.
+
     \b
     Example:
       glmc export glm-130b-sat -o glm-130b-ort --tp 8 --dtype float16
+      glmc export glm-130b-sat -o glm-130b-int4 --tp 4 --dtype float16 --quantization-bit-width 4
     """
     from glmc.api import export as export_package
     from glmc.graphs import Package
@@ -53,16 +61,20 @@ def export(checkpoint, output, tp_size, dtype, target, config_name, tokenizer, t
         if progress:
             click.echo(f"[export] {message}", err=True)
 
+    bits = int(quantization_bit_width) if quantization_bit_width else None
     path = export_package(checkpoint, output, tp_size=tp_size, dtype=dtype, target=target, config=config_name,
-                          tokenizer=tokenizer, tokenizer_variant=tokenizer_variant, overwrite=force, progress=report)
+                          tokenizer=tokenizer, tokenizer_variant=tokenizer_variant, quantization_bits=bits,
+                          overwrite=force, progress=report)
     package = Package.open(path)
     summary = {"package": str(path), "tp_size": package.tp_size, "dtype": package.dtype, "target": package.target,
+               "quantization_bits": package.quantization_bits,
                "passes": package.manifest["passes"], "declined": package.manifest["declined"],
                "files": package.manifest["files"], "peak_rss_bytes": peak_rss_bytes()}
     if as_json:
         click.echo(json.dumps(summary))
         return
-    click.echo(f"wrote {path}: TP {package.tp_size}, {package.dtype}, target {package.target}")
+    quantized = f", int{package.quantization_bits} weights" if package.quantization_bits else ""
+    click.echo(f"wrote {path}: TP {package.tp_size}, {package.dtype}{quantized}, target {package.target}")
     for graph, counts in summary["passes"].items():
         click.echo(f"  {graph}: " + ", ".join(f"{name} {count}" for name, count in counts.items()))
     total = sum(f["bytes"] for f in summary["files"].values())

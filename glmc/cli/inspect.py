@@ -62,6 +62,7 @@ def _checkpoint(path: Path, config_name: str | None, verify: bool, progress: boo
         "dtype": str(ckpt.info.float_dtype).removeprefix("torch."),
         "quantization_bits": ckpt.info.quantization_bits, "config": ckpt.config.to_dict(),
         "parameters": ckpt.config.parameter_count(),
+        "bits_per_weight": _checkpoint_bits(ckpt),
         "shards": [{"file": str(s), "bytes": s.stat().st_size} for s in shards],
         "glmc": ckpt.metadata,
     }
@@ -72,6 +73,83 @@ def _checkpoint(path: Path, config_name: str | None, verify: bool, progress: boo
                            err=True)
             entry["verify"] = verify_shard(shard).to_dict()
     return info
+
+
+def _checkpoint_bits(ckpt) -> dict:
+    """Bits per weight of the checkpoint's tensors as stored (codes and scales for quantized matrices)."""
+    from glmc.checkpoint.layout import QUANTIZED, base_name, expected_parameters
+    from glmc.config import Mapping
+
+    float_bits = torch_bits(ckpt.info.float_dtype)
+    counts = {"quantized": [0, 0], "float": [0, 0]}  # weights, bits
+    for rank in range(ckpt.tp_size):
+        expected = expected_parameters(ckpt.config, Mapping(ckpt.tp_size, rank), ckpt.info.quantization_bits)
+        for name, want in expected.items():
+            size = 1
+            for dim in want.shape:
+                size *= dim
+            if want.kind == "float":
+                counts["float"][0] += size
+                counts["float"][1] += size * float_bits
+            elif want.kind == "int8":
+                counts["quantized"][0] += size * 8 // ckpt.info.quantization_bits
+                counts["quantized"][1] += size * 8
+            else:
+                counts["quantized"][1] += size * 16
+    return _bits_summary(counts, f"{str(ckpt.info.float_dtype).removeprefix('torch.')}")
+
+
+def torch_bits(dtype) -> int:
+    return dtype.itemsize * 8
+
+
+def _package_bits(package) -> dict:
+    """Bits per weight of a package's stored tensors: the quantized matrices (codes and their scales,
+    as stored for their op) and the weights that stay float, over every rank."""
+    from glmc.checkpoint.layout import expected_parameters
+    from glmc.config import Mapping
+    from glmc.graphs.seal import ITEM_BYTES
+
+    counts = {"quantized": [0, 0], "float": [0, 0]}
+    bits = package.quantization_bits
+    for rank, entry in enumerate(package.manifest["ranks"]):
+        dense = expected_parameters(package.config, Mapping(package.tp_size, rank))
+        for name, stored in entry["parameters"].items():
+            tensor = entry["tensors"][stored["initializer"]]
+            size = 1
+            for dim in tensor["shape"]:
+                size *= dim
+            stored_bits = round(size * ITEM_BYTES[tensor["dtype"]] * 8)
+            matrix = name[: -len("_scale")] if name.endswith("_scale") else name
+            kind = "quantized" if bits and matrix + "_scale" in entry["parameters"] else "float"
+            if not name.endswith("_scale"):
+                weights = 1
+                for dim in dense[name].shape:
+                    weights *= dim
+                counts[kind][0] += weights
+            counts[kind][1] += stored_bits
+    return _bits_summary(counts, package.dtype)
+
+
+def _bits_summary(counts: dict, float_dtype: str) -> dict:
+    total_weights = counts["quantized"][0] + counts["float"][0]
+    total_bits = counts["quantized"][1] + counts["float"][1]
+    return {
+        "overall": total_bits / total_weights if total_weights else 0.0,
+        "quantized_matrices": counts["quantized"][1] / counts["quantized"][0] if counts["quantized"][0] else None,
+        "quantized_weights": counts["quantized"][0],
+        "float": counts["float"][1] / counts["float"][0] if counts["float"][0] else None,
+        "float_weights": counts["float"][0],
+        "float_dtype": float_dtype,
+    }
+
+
+def _bits_text(bits: dict) -> str:
+    if bits["quantized_matrices"] is None:
+        return f"{bits['overall']:.2f} bits per weight ({bits['float_dtype']})"
+    return (f"{bits['overall']:.2f} bits per weight: {bits['quantized_matrices']:.2f} in the quantized matrices "
+            f"({bits['quantized_weights']:,} weights, codes and scales), {bits['float']:.0f} in the "
+            f"{bits['float_weights']:,} that stay {bits['float_dtype']} (embedding, LayerNorms, biases)")
 
 
 def _non_finite_problem(info: dict) -> str | None:
@@ -129,6 +207,7 @@ def _package(path: Path, verify: bool) -> dict:
         })
     manifest = package.manifest
     return {"kind": "package", "path": str(package.root), "tp_size": package.tp_size, "dtype": package.dtype,
+            "quantization": manifest.get("quantization"), "bits_per_weight": _package_bits(package),
             "target": package.target, "config": manifest["config"], "source": manifest["source"],
             "passes": manifest["passes"], "ranks": ranks, "glmc_version": manifest["glmc_version"],
             "verified": "sha256 of every file" if verify else "sizes of every file, sha256 of the graphs"}
@@ -142,7 +221,8 @@ def _text(info: dict) -> str:
         bits = f"int{info['quantization_bits']} weights" if info["quantization_bits"] else "no quantization"
         lines = [f"{info['path']}: valid SAT checkpoint, iteration {info['iteration']}",
                  f"  model   {model}",
-                 f"  weights {info['parameters']:,} parameters, {info['dtype']}, {bits}, TP {info['tp_size']}"]
+                 f"  weights {info['parameters']:,} parameters, {info['dtype']}, {bits}, TP {info['tp_size']}",
+                 f"          {_bits_text(info['bits_per_weight'])}"]
         for s in info["shards"]:
             lines.append(f"  {s['file']}  {s['bytes'] / 2**20:.1f} MiB")
             if "verify" in s:
@@ -153,6 +233,7 @@ def _text(info: dict) -> str:
              f"  model   {model}",
              f"  source  {info['source']['checkpoint']} (iteration {info['source']['iteration']}, "
              f"TP {info['source']['tp_size']})",
+             f"  weights {_bits_text(info['bits_per_weight'])}",
              f"  checked {info['verified']}"]
     for rank in info["ranks"]:
         lines.append(f"  rank {rank['rank']}: weights {rank['weight_bytes'] / 2**20:.1f} MiB")

@@ -17,6 +17,7 @@ from torch import nn
 
 from glmc.config import Mapping
 from glmc.errors import GlmcError
+from glmc.model.quantized import weight_only_matmul
 from glmc.quantization import dequantize
 
 
@@ -88,6 +89,10 @@ class ParallelLinear(nn.Module):
     locally (SAT's ColumnParallelLinear). Row-parallel (`reduce=True`): W holds this
     rank's input columns, the partial products are all-reduced and the full bias is
     added once afterwards (SAT's RowParallelLinear).
+
+    Quantized (`quantization_bits` 8 or 4), W is GLM-130B's int8 codes (two int4 per
+    byte) with one fp16 scale per output row (`weight_scale`), multiplied without
+    ever dequantizing the whole weight (`glmc.model.quantized`).
     """
 
     def __init__(self, in_features: int, out_features: int, *, reduce: bool, dtype: torch.dtype,
@@ -104,14 +109,20 @@ class ParallelLinear(nn.Module):
                 requires_grad=False)
             self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float16),
                                              requires_grad=False)
+        self._kernel_cache: dict = {}  # the packed int4 kernel's layout of the codes, made on first use
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype))
 
     def dense_weight(self) -> torch.Tensor:
+        """W in the compute dtype (dequantized with GLM's numerics when quantized)."""
         if self.quantization_bits is None:
             return self.weight
         return dequantize(self.weight, self.weight_scale, self.quantization_bits).to(self.dtype)
 
     def forward(self, x: torch.Tensor, comm: Collectives) -> torch.Tensor:
+        if self.quantization_bits is not None:
+            partial = weight_only_matmul(x, self.weight, self.weight_scale, self.quantization_bits,
+                                         self._kernel_cache)
+            return (comm.all_reduce(partial) if self.reduce else partial) + self.bias
         if not self.reduce:
             return F.linear(x, self.dense_weight(), self.bias)
         partial = F.linear(x, self.dense_weight())
