@@ -254,17 +254,19 @@ class OrtExecutable:
         tensors = [t.index_select(0, rows) for t in cache.tensors]
         return OrtCache(tensors, [self._to_ort(t) for t in tensors], cache.length, cache.static)
 
-    def join_caches(self, caches: list[OrtCache], capacity: int) -> OrtCache:
+    def join_caches(self, caches: list[OrtCache], capacity: int, skip: list[int] | None = None) -> OrtCache:
         """One cache holding the rows of `caches` in order, each left-padded to the longest
-        (padding is masked out by the caller), with room for `capacity` positions."""
-        length = max(c.length for c in caches)
+        (padding is masked out by the caller), with room for `capacity` positions; the first
+        `skip[i]` positions of cache i (padding in all its rows) are left out."""
+        skip = skip or [0] * len(caches)
+        length = max(c.length - s for c, s in zip(caches, skip))
         batch = sum(c.tensors[0].shape[0] for c in caches)
         joined = self._empty(batch, max(length, capacity) if self.static else length)
         for i, tensor in enumerate(joined.tensors):
             row = 0
-            for cache in caches:
+            for cache, s in zip(caches, skip):
                 rows = cache.tensors[i].shape[0]
-                tensor[row:row + rows, :, length - cache.length:length] = cache.tensors[i][:, :, :cache.length]
+                tensor[row:row + rows, :, length - cache.length + s:length] = cache.tensors[i][:, :, s:cache.length]
                 row += rows
         joined.length = length
         return joined

@@ -70,12 +70,15 @@ class TorchExecutable:
             return cache
         return [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache]
 
-    def join_caches(self, caches: list, capacity: int):
+    def join_caches(self, caches: list, capacity: int, skip: list[int] | None = None):
         """One cache holding the rows of `caches` in order, each left-padded to the longest
-        (padding is masked out by the caller), with room for `capacity` positions."""
-        length = max(self.cache_length(c) for c in caches)
+        (padding is masked out by the caller), with room for `capacity` positions; the first
+        `skip[i]` positions of cache i (padding in all its rows) are left out."""
+        skip = skip or [0] * len(caches)
+        length = max(self.cache_length(c) - s for c, s in zip(caches, skip))
         if not self.static_cache:
-            return [tuple(torch.cat([_left_pad(t, length) for t in parts]) for parts in zip(*layer))
+            return [tuple(torch.cat([_left_pad(t[:, :, s:], length) for t, s in zip(parts, skip)])
+                          for parts in zip(*layer))
                     for layer in zip(*(list(c) for c in caches))]
         config = self.config
         joined = StaticKVCache.allocate(config.num_layers, sum(c.batch for c in caches),
@@ -85,9 +88,9 @@ class TorchExecutable:
             for layer, buffer in enumerate(buffers):
                 buffer.zero_()
                 row = 0
-                for cache in caches:
+                for cache, s in zip(caches, skip):
                     source = getattr(cache, name)[layer]
-                    buffer[row:row + cache.batch, :, length - cache.length:length] = source[:, :, :cache.length]
+                    buffer[row:row + cache.batch, :, length - cache.length + s:length] = source[:, :, s:cache.length]
                     row += cache.batch
         joined.length = length
         return joined

@@ -850,11 +850,14 @@ class TensorRTExecutable:
         return cache
 
     @torch.no_grad()
-    def join_caches(self, caches: list, capacity: int):
+    def join_caches(self, caches: list, capacity: int, skip: list[int] | None = None):
         """One cache holding the rows of `caches` in order, each left-padded to the longest
-        (padding is masked out by the caller); the concatenating graph needs no room ahead."""
-        length = max(self.cache_length(c) for c in caches)
-        return [torch.cat([torch.nn.functional.pad(t, (0, 0, length - t.shape[2], 0)) for t in parts])
+        (padding is masked out by the caller), the first `skip[i]` positions of cache i left
+        out; the concatenating graph needs no room ahead."""
+        skip = skip or [0] * len(caches)
+        length = max(self.cache_length(c) - s for c, s in zip(caches, skip))
+        return [torch.cat([torch.nn.functional.pad(t[:, :, s:], (0, 0, length - t.shape[2] + s, 0))
+                           for t, s in zip(parts, skip)])
                 for parts in zip(*caches)]
 
     def cache_tensors(self, cache) -> list[torch.Tensor]:

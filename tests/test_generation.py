@@ -9,7 +9,7 @@ import torch
 import glmc
 import oracle
 from conftest import SAT_TINY, TINY_SPECIAL, record_step_logits, sat_tiny_npz
-from glmc.errors import PromptError
+from glmc.errors import GlmcError, PromptError
 from glmc.generation.batch import Batch
 from glmc.generation.filling import (
     BlankRequest,
@@ -250,6 +250,55 @@ def test_generations_joining_a_running_batch_get_what_they_get_alone(tiny_checkp
         batch.step()
     for group, expected in zip(groups, alone):
         assert [b.tokens for b in group.result] == [b.tokens for b in expected]
+
+
+@pytest.mark.parametrize("source", ["torch", "onnxruntime", "onnxruntime-unfused"])
+def test_the_next_join_drops_the_positions_of_generations_that_left(tiny_checkpoint, tiny_package,
+                                                                     tiny_package_unfused, source):
+    """A long prompt leaves the batch early: the next join drops the cache positions only it
+    used, so the cache stays as long as the longest live row (a server's batch that never
+    empties would otherwise grow to the model's limit), and every generation still gets what
+    it gets alone."""
+    path = {"torch": tiny_checkpoint, "onnxruntime": tiny_package, "onnxruntime-unfused": tiny_package_unfused}[source]
+    executable = glmc.load(path, backend=source.split("-")[0]).executable
+    make = JOINS[1]
+    long = _input([21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, S.gmask], 18)  # three tokens, then gone
+    short, newcomer = _input([11, 12, S.mask, 13], 30), _input([41, S.mask], 30)
+    alone = [generate(executable, [i], make(), S)[0] for i in (long, short, newcomer)]
+    batch, strategy = Batch(executable, S), make()
+    groups = batch.join([long, short], strategy, [strategy.generator() for _ in range(2)])
+    while groups[0] in batch.groups:
+        batch.step()
+    assert batch.groups == [groups[1]]
+    dead = len(long.tokens) - len(short.tokens)
+    assert batch.dead_columns == dead and batch.live_length == batch.length - dead
+    expected = batch.length - dead + 1  # the newcomer joins before the step's decode adds a column
+    groups += batch.join([newcomer], strategy, [strategy.generator()])
+    batch.step()
+    assert batch.length == expected and batch.dead_columns == 0
+    while batch.groups:
+        batch.step()
+    for group, expected in zip(groups, alone):
+        assert [b.tokens for b in group.result] == [b.tokens for b in expected]
+
+
+def test_a_generation_whose_own_draw_fails_leaves_and_the_others_go_on(tiny_checkpoint):
+    """A temperature so small that logits / temperature overflows fails that generation alone,
+    with one line; in `generate` (glmc run) it is an error."""
+    executable = glmc.load(tiny_checkpoint, backend="torch").executable
+    good, bad = BaseStrategy(1.2, 0, 0.9, seed=3), BaseStrategy(1e-45, 0, 0.9, seed=3)
+    first, second = _input([11, 12, S.mask, 13], 30), _input([41, S.mask], 30)
+    alone = generate(executable, [first], good, S)[0]
+    batch = Batch(executable, S)
+    groups = batch.join([first, second], [good, bad], [good.generator(), bad.generator()])
+    finished = batch.step()
+    assert finished == [groups[1]] and groups[1].result == []
+    assert groups[1].error.startswith("temperature 1e-45 is too small for float32 logits")
+    while batch.groups:
+        batch.step()
+    assert [b.tokens for b in groups[0].result] == [b.tokens for b in alone]
+    with pytest.raises(GlmcError, match="temperature 1e-45 is too small"):
+        generate(executable, [second], bad, S)
 
 
 def test_sampling_is_seeded(tiny):

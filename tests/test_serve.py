@@ -297,6 +297,8 @@ LONG_PROMPT = "word " * 600  # more tokens than the embedded model's 512 positio
     ("/v1/completions", {"model": MODEL, "prompt": "A [MASK] and a [MASK]"}, 400, "prompt", "several"),
     ("/v1/completions", {"model": MODEL, "prompt": [1, 2, 99999]}, 400, "prompt", "token ids must lie"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "Hello"}, 404, "model", "does not exist"),
+    ("/v1/completions", {"model": "gpt-\ud800", "prompt": "Hello"}, 404, "model", "does not exist"),
+    ("/v1/completions", {"model": MODEL, "prompt": "Hello", "temperature": 1e-40}, 400, None, "too small"),
     ("/v1/generate", {"prompt": "Hi [MASK]", "strategy": "beam_search", "temperature": 0.5}, 400, "temperature",
      "does not apply"),
     ("/v1/generate", {"prompt": "Hi [MASK]", "num_beams": 2}, 400, "num_beams", "does not apply"),
@@ -308,7 +310,7 @@ LONG_PROMPT = "word " * 600  # more tokens than the embedded model's 512 positio
     ("/v1/nothing", {}, 404, None, "Not Found"),
 ], ids=["malformed", "duplicate-key", "nan", "not-an-object", "unknown-field", "prompt-too-long", "max-tokens-past",
         "max-tokens-range", "max-tokens-bool", "n-zero", "five-stops", "echo", "several-masks", "bad-ids",
-        "unknown-model", "beam-with-temperature", "sampling-with-beams", "beams-past-rows", "no-room", "too-large",
+        "unknown-model", "lone-surrogate", "temperature-overflows", "beam-with-temperature", "sampling-with-beams", "beams-past-rows", "no-room", "too-large",
         "no-route"])
 def test_bad_requests_get_openai_errors_and_one_log_line(server, path, body, status, param, fragment):
     logged = len([line for line in server.lines if " glmc.serve: " in line])

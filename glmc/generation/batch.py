@@ -8,7 +8,11 @@ alone. A cycle (`step`) is: new generations join (their contexts prefilled toget
 their cache rows merged into the batch's, the shorter side left-padded); every
 generation picks its next tokens from its last logits (its own strategy, its own
 generator); finished generations leave (their rows dropped from the cache); the rest
-decode one token together. `generate` runs a fixed list of inputs this way; the server
+decode one token together. When generations join, the cache's leading positions that
+are padding in every remaining row (left by generations that have left) are dropped, so
+the cache stays as long as the longest live row, not the batch's history. A generation
+whose step fails on its own input (its sampling, not the model) finishes with `error`
+and the others go on. `generate` runs a fixed list of inputs this way; the server
 keeps a batch running and adds requests as they come (continuous batching).
 """
 
@@ -19,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from glmc.errors import GlmcError
 from glmc.generation.strategies import Beam, Tokens
 
 if TYPE_CHECKING:
@@ -37,6 +42,7 @@ class Group:
     steps: int = 0  # tokens generated so far
     logits: torch.Tensor | None = None  # [rows, vocab] of its last call, waiting to be sampled
     result: list[Beam] | None = None  # once finished: the beams, best first
+    error: str | None = None  # why it stopped early, if its own step failed (then result is [])
 
     @property
     def rows(self) -> int:
@@ -62,6 +68,19 @@ class Batch:
     def length(self) -> int:
         return self.key_masked.shape[1]
 
+    @property
+    def dead_columns(self) -> int:
+        """Leading cache positions that are padding in every row (rows that held them have left)."""
+        if not self.key_masked.numel():
+            return 0
+        live = (~self.key_masked).any(0).nonzero()
+        return int(live[0]) if live.numel() else self.length
+
+    @property
+    def live_length(self) -> int:
+        """The cache's length once its dead columns are dropped (as the next join does)."""
+        return self.length - self.dead_columns
+
     def _capacity(self, groups: list[Group], length: int) -> int:
         """Positions the cache needs: every group's remaining tokens after `length`."""
         return length + max(g.input.max_new_tokens - g.steps for g in groups)
@@ -85,7 +104,8 @@ class Batch:
                                   for p, i in zip(pads, inputs)])
         groups = [Group(i, s.start(1, self.special.end_tokens, [g]), (on_step or [None] * len(inputs))[k],
                         [list(i.tokens)]) for k, (i, s, g) in enumerate(zip(inputs, strategies, generators))]
-        length = max(width, self.length)
+        skip = self.dead_columns
+        length = max(width, self.length - skip)
         capacity = self._capacity(self.groups + groups, length)
         logits, cache = self.executable.prefill(tokens.to(self.device), positions.to(self.device),
                                                 mask.to(self.device), last_only=True, capacity=capacity)
@@ -94,8 +114,9 @@ class Batch:
         if self.cache is None:
             self.cache, self.key_masked = cache, key_masked
         else:  # left-pad the shorter side to the longer one, then the new rows after the batch's
-            self.cache = self.executable.join_caches([self.cache, cache], capacity)
-            self.key_masked = torch.cat((_left_padded(self.key_masked, length), _left_padded(key_masked, length)))
+            self.cache = self.executable.join_caches([self.cache, cache], capacity, [skip, 0])
+            self.key_masked = torch.cat((_left_padded(self.key_masked[:, skip:], length),
+                                         _left_padded(key_masked, length)))
         self.groups += groups
         return groups
 
@@ -106,7 +127,13 @@ class Batch:
         finished, offset = [], 0
         for group in self.groups:
             rows = group.rows
-            beams, parents = group.run.step(group.logits.reshape(1, rows, -1).cpu(), [group.beams])
+            try:
+                beams, parents = group.run.step(group.logits.reshape(1, rows, -1).cpu(), [group.beams])
+            except GlmcError as error:  # this generation's own draw (e.g. a temperature that overflows)
+                group.error, group.result = str(error), []
+                finished.append(group)
+                offset += rows
+                continue
             group.beams, group.steps, group.logits = beams[0], group.steps + 1, None
             if group.on_step is not None:
                 group.on_step(group.beams)

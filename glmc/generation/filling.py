@@ -20,7 +20,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from glmc.errors import PromptError
+from glmc.errors import GlmcError, PromptError
 from glmc.generation.batch import Batch
 from glmc.generation.strategies import Beam, Tokens
 from glmc.tokenizer.special import SpecialTokens
@@ -39,7 +39,7 @@ class Executable(Protocol):
 
     def reorder_cache(self, cache: object, index: torch.Tensor) -> object: ...
 
-    def join_caches(self, caches: list, capacity: int) -> object: ...
+    def join_caches(self, caches: list, capacity: int, skip: list[int] | None = None) -> object: ...
 
     def cache_length(self, cache: object) -> int: ...
 
@@ -147,7 +147,9 @@ def generate(
     batch = Batch(executable, special, device)
     groups = batch.join(inputs, strategy, generators, hooks)
     while batch.groups:
-        batch.step()
+        for group in batch.step():
+            if group.error is not None:
+                raise GlmcError(group.error)
     return [group.result for group in groups]
 
 

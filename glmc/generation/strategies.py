@@ -151,6 +151,10 @@ class Sampling:
         logits = logits.reshape(batch, -1)
         check_finite(logits)
         logits = logits / s.temperature
+        if not bool(torch.isfinite(logits).all()):
+            dtype = str(logits.dtype).removeprefix("torch.")
+            raise GlmcError(f"temperature {s.temperature:g} is too small for {dtype} logits: dividing by it "
+                            "overflows; use a larger temperature")
         for invalid in s.invalid_slices:
             logits[..., invalid] = FILTERED
         if s.min_gen_length > self.length_generated:

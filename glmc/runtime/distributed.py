@@ -94,11 +94,11 @@ class LeaderExecutable:
             self._send(REORDER, handle_id, cache.id, _host(index))
             return self._handle(handle_id, self.local.reorder_cache(cache.local, index))
 
-    def join_caches(self, caches: list[CacheHandle], capacity: int) -> CacheHandle:
+    def join_caches(self, caches: list[CacheHandle], capacity: int, skip: list[int] | None = None) -> CacheHandle:
         with self._lock:
             handle_id = next(self._ids)
-            self._send(JOIN, handle_id, [c.id for c in caches], capacity)
-            return self._handle(handle_id, self.local.join_caches([c.local for c in caches], capacity))
+            self._send(JOIN, handle_id, [c.id for c in caches], capacity, skip)
+            return self._handle(handle_id, self.local.join_caches([c.local for c in caches], capacity, skip))
 
     def cache_length(self, cache: CacheHandle) -> int:
         return self.local.cache_length(cache.local)
@@ -135,7 +135,7 @@ def serve(executable, command_group) -> None:
             handle_id, source, index = args
             caches[handle_id] = executable.reorder_cache(caches[source], torch.from_numpy(index))
         elif command == JOIN:
-            handle_id, sources, capacity = args
-            caches[handle_id] = executable.join_caches([caches[s] for s in sources], capacity)
+            handle_id, sources, capacity, skip = args
+            caches[handle_id] = executable.join_caches([caches[s] for s in sources], capacity, skip)
         else:
             raise RuntimeError(f"unknown command {command!r} from rank 0")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from glmc.errors import GlmcError
 from glmc.fileio import parse_json
@@ -43,6 +44,24 @@ class AppSettings:
     max_batch_rows: int
     max_body_bytes: int
     request_timeout: float  # seconds from a request's arrival to its last token
+
+
+class TimedStreamingResponse(StreamingResponse):
+    """A stream whose every send must complete within `send_timeout` seconds: a client that
+    stops reading does not hold its handler (and the drain) forever."""
+
+    def __init__(self, content, send_timeout: float, **kwargs):
+        super().__init__(content, **kwargs)
+        self.send_timeout = send_timeout
+
+    async def __call__(self, scope, receive, send):
+        async def timed_send(message):
+            await asyncio.wait_for(send(message), self.send_timeout)
+
+        try:
+            await super().__call__(scope, receive, timed_send)
+        except asyncio.TimeoutError:  # the stream's generator is closed: its finally frees the rows
+            log.warning("a streaming client read nothing for %g s: its stream is cut", self.send_timeout)
 
 
 class Disconnected(Exception):
@@ -80,6 +99,8 @@ def create_app(glm, engine: Engine, metrics: Metrics, settings: AppSettings) -> 
             return await service.completions(request)
         except ApiError as error:
             return _error_response(request, error, metrics)
+        except Disconnected:  # the client left before its request was read: nobody to answer
+            return Response(status_code=499)
 
     @app.post("/v1/generate")
     async def generate(request: Request):
@@ -87,6 +108,8 @@ def create_app(glm, engine: Engine, metrics: Metrics, settings: AppSettings) -> 
             return await service.generate(request)
         except ApiError as error:
             return _error_response(request, error, metrics)
+        except Disconnected:  # the client left before its request was read: nobody to answer
+            return Response(status_code=499)
 
     @app.get("/v1/models")
     async def models():
@@ -128,16 +151,19 @@ async def _read_json(request: Request, limit: int, timeout: float):
 
     async def read() -> bytes:
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"the request body is larger than {limit} bytes", "invalid_request_error")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"the request body is larger than {limit} bytes", "invalid_request_error")
+                chunks.append(chunk)
+        except ClientDisconnect:  # the client left while sending
+            raise Disconnected() from None
         return b"".join(chunks)
 
     try:
         raw = await asyncio.wait_for(read(), timeout)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
         raise ApiError(408, f"the request body did not arrive within {timeout:g} s") from None
     try:
         text = raw.decode("utf-8")
@@ -219,7 +245,7 @@ class _Service:
                                     "(--request-timeout)", "server_error")
             try:
                 return await asyncio.wait_for(events.get(), min(POLL_SECONDS, left))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
                 pass
 
     @staticmethod
@@ -262,8 +288,8 @@ class _Service:
         state = _Progress(self, request, job, events, choices, req, arrived)
         meta = (protocol.new_id("cmpl"), protocol.now(), req.model)
         if req.stream:
-            return StreamingResponse(self._stream(state, meta, prompt_tokens), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return TimedStreamingResponse(self._stream(state, meta, prompt_tokens), self.settings.request_timeout,
+                                          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             while not state.finished:
                 state.take(await self._next(request, events, state.deadline, state.watch))

@@ -93,6 +93,7 @@ class Engine:
         self._waiting: deque[Task] = deque()  # admitted to the engine, not yet to the batch (FIFO)
         self._rejoin: deque[Task] = deque()  # between two blanks: rows reserved, next blank waiting
         self._by_group: dict[Group, Task] = {}
+        self._joining: list[Task] = []  # being prefilled into the batch (failed with the rest if that fails)
         self._cancels: list[tuple[Job, tuple[int, ...] | None]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -117,6 +118,8 @@ class Engine:
             self._queue.put_nowait(job)
         except queue.Full:
             raise Overloaded() from None
+        if self.failure is not None:  # the engine failed while it was queued: nobody will take it
+            raise Stopped(self.failure)
         if self.metrics is not None:
             self.metrics.queue_depth.inc()
 
@@ -156,7 +159,14 @@ class Engine:
                     self.metrics.step_seconds.observe(time.monotonic() - started)
                     self.metrics.generation_tokens.inc(rows)
                 for group in finished:
-                    self._blank_done(self._by_group.pop(group))
+                    task = self._by_group[group]  # stays known until handled: a failure fails its job
+                    if group.error is not None:  # its own draw failed; the batch goes on
+                        del self._by_group[group]
+                        self._release(task)
+                        self._fail_job(task.job, 400, group.error, "invalid_request_error")
+                        continue
+                    self._blank_done(task)
+                    del self._by_group[group]
         except BaseException as error:  # the model failed (a rank died, non-finite logits): the server stops
             self.failure = str(error) if isinstance(error, GlmcError) else f"{type(error).__name__}: {error}"
             self._fail_all(500, f"the model failed: {self.failure}", "server_error")
@@ -184,9 +194,11 @@ class Engine:
     def _admit(self) -> None:
         """Join waiting tasks to the batch, oldest first, while the rows and the cache allow:
         the batch's cache (left-padded to its longest row) must hold every generation's
-        remaining tokens within the model's maximum length. An empty batch takes any task."""
+        remaining tokens within the model's maximum length. An empty batch takes any task.
+        The cache's positions that only generations that have left used do not count: the
+        join drops them."""
         groups = self.batch.groups
-        length = self.batch.length
+        length = self.batch.live_length
         remaining = max((g.input.max_new_tokens - g.steps for g in groups), default=0)
         joining = []
         for source in (self._rejoin, self._waiting):
@@ -228,9 +240,11 @@ class Engine:
         if not joining:
             return
         hooks = [functools.partial(self._on_step, task) if task.job.tokens else None for task, _ in joining]
+        self._joining = [task for task, _ in joining]  # failed with the rest if the join fails
         with self.glm.reporting():
             new = self.batch.join([request for _, request in joining], [task.strategy for task, _ in joining],
                                   [task.generator for task, _ in joining], hooks)
+        self._joining = []
         for (task, request), group in zip(joining, new):
             task.group = group
             self._by_group[group] = task
@@ -279,7 +293,7 @@ class Engine:
         job.emit((ERROR, status, message, kind))
 
     def _fail_all(self, status: int, message: str, kind: str) -> None:
-        jobs = {t.job for t in self._by_group.values()} | {t.job for t in self._waiting} | {t.job for t in self._rejoin}
+        jobs = {t.job for t in (*self._by_group.values(), *self._waiting, *self._rejoin, *self._joining)}
         while True:
             try:
                 jobs.add(self._queue.get_nowait())
@@ -292,6 +306,7 @@ class Engine:
         self._by_group.clear()
         self._waiting.clear()
         self._rejoin.clear()
+        self._joining = []
         self.reserved_rows = 0
         self._gauges(rows=0)
 

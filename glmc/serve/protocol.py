@@ -33,6 +33,9 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
+        # Messages echo the client's strings: a lone surrogate would not encode as UTF-8 JSON.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        param = param.encode("utf-8", "backslashreplace").decode("utf-8") if param is not None else None
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
