@@ -232,6 +232,24 @@ def test_a_package_stores_codes_and_scales_never_a_float_copy(packages, tiny_pac
         assert package.weights_path(0).stat().st_size <= float_size - saved + 4096 * 4 * len(MATRICES) * 3
 
 
+def test_no_graph_of_a_quantized_package_holds_a_float_matrix(packages):
+    """Inside the graphs too (a folded dequantization would land there as a constant, not in
+    the weight file): every float tensor of two or more dimensions is the embedding, a
+    rotary table or quantization scales, at every TP degree and target."""
+    for name, path in packages.items():
+        package = Package.open(path)
+        for rank in range(package.tp_size):
+            graph = onnx.load(str(package.graph_path(rank, "step")), load_external_data=False).graph
+            tensors = [(t.name, t) for t in graph.initializer]
+            tensors += [(n.name, a.t) for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.t.dims]
+            for what, tensor in tensors:
+                floating = tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                onnx.TensorProto.BFLOAT16)
+                if floating and len(tensor.dims) >= 2:  # scales: int4's block-wise ones are [blocks, N]
+                    assert any(part in what for part in ("word_embeddings", "rotary", "weight_scale")), (
+                        name, rank, what, list(tensor.dims))
+
+
 def test_packages_keep_glm130bs_codes_bit_for_bit(packages, quantized, tmp_path):
     """Quantized at export or taken from a quantized checkpoint, at TP 1, 2, 4 and 8: every rank's
     codes and scales read back from the package equal the checkpoint's (`glmc convert`) bit for bit."""

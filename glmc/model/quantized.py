@@ -77,7 +77,7 @@ def _packed_kernel(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bi
     group = next((g for g in _INT4_GROUPS if k % g == 0), None)
     if group is None or codes.shape[0] % 16:  # the kernel's tiles: 16 output rows
         return None
-    key = (codes.data_ptr(), codes.device, group)
+    key = (codes.data_ptr(), codes._version, codes.device, group)  # _version: the codes rewritten in place
     entry = cache.get("int4") if cache is not None else None
     if entry is None or entry[0] != key:
         q = unpack_int4(codes).to(torch.int32) + 8  # the kernel's codes are unsigned, zero point 8
