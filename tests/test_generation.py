@@ -252,15 +252,20 @@ def test_generations_joining_a_running_batch_get_what_they_get_alone(tiny_checkp
         assert [b.tokens for b in group.result] == [b.tokens for b in expected]
 
 
-@pytest.mark.parametrize("source", ["torch", "onnxruntime", "onnxruntime-unfused"])
+@pytest.mark.parametrize("source", ["torch", "onnxruntime", "onnxruntime-unfused", "torch-tp2"])
 def test_the_next_join_drops_the_positions_of_generations_that_left(tiny_checkpoint, tiny_package,
                                                                      tiny_package_unfused, source):
     """A long prompt leaves the batch early: the next join drops the cache positions only it
     used, so the cache stays as long as the longest live row (a server's batch that never
     empties would otherwise grow to the model's limit), and every generation still gets what
     it gets alone."""
-    path = {"torch": tiny_checkpoint, "onnxruntime": tiny_package, "onnxruntime-unfused": tiny_package_unfused}[source]
-    executable = glmc.load(path, backend=source.split("-")[0]).executable
+    path = {"onnxruntime": tiny_package, "onnxruntime-unfused": tiny_package_unfused}.get(source, tiny_checkpoint)
+    model = glmc.load(path, backend=source.split("-")[0], tp_size=2 if source.endswith("tp2") else 1)
+    with model:  # at TP 2 the joins go to rank 1 through the command stream
+        _drop_dead_positions(model.executable)
+
+
+def _drop_dead_positions(executable) -> None:
     make = JOINS[1]
     long = _input([21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, S.gmask], 18)  # three tokens, then gone
     short, newcomer = _input([11, 12, S.mask, 13], 30), _input([41, S.mask], 30)
