@@ -120,9 +120,12 @@ class InterruptWatchdog:
 
     def disarm(self) -> None:
         """glmc is done: give the wakeup fd back and end the thread (it reads end of file, or
-        wakes from its grace period)."""
-        self._done.set()
+        wakes from its grace period). After an interrupt the thread stays: the process's own
+        shutdown (joining workers, atexit hooks) gets the same grace, then it ends."""
         signal.set_wakeup_fd(-1)
+        if self._reported.is_set():  # the interrupt's byte is in the pipe: the thread is or will be waiting
+            return
+        self._done.set()
         os.close(self._write_fd)
         self._thread.join()
         os.close(self._read_fd)
