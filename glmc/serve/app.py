@@ -93,23 +93,21 @@ def create_app(glm, engine: Engine, metrics: Metrics, settings: AppSettings) -> 
         return _error_response(request, ApiError(500, f"internal error: {type(error).__name__}", "server_error"),
                                metrics)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def answer(request: Request, handle):
         try:
-            return await service.completions(request)
+            return await handle(request)
         except ApiError as error:
             return _error_response(request, error, metrics)
         except Disconnected:  # the client left before its request was read: nobody to answer
             return Response(status_code=499)
 
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await answer(request, service.completions)
+
     @app.post("/v1/generate")
     async def generate(request: Request):
-        try:
-            return await service.generate(request)
-        except ApiError as error:
-            return _error_response(request, error, metrics)
-        except Disconnected:  # the client left before its request was read: nobody to answer
-            return Response(status_code=499)
+        return await answer(request, service.generate)
 
     @app.get("/v1/models")
     async def models():
