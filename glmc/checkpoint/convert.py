@@ -30,6 +30,7 @@ from glmc.quantization import SUPPORTED_BITS, quantize
 from glmc.checkpoint.layout import (QUANTIZED, Copy, Split, apply_copies, base_name, copy_plan, full_shapes,
                                     layer_index, split_of)
 from glmc.fileio import atomic_directory, write_text_atomic
+from glmc.memory import return_freed_memory
 from glmc.checkpoint.sat import (
     CONFIG_FILE,
     SatCheckpoint,
@@ -193,6 +194,7 @@ def convert_checkpoint(
                     progress(f"rank {rank}")
             save_shard(tmp / ckpt.iteration / shard_name(rank), state)
             del state
+            return_freed_memory()
         metadata = dict(ckpt.metadata)
         tokenizer = metadata.get("tokenizer", {}).get("model")
         if tokenizer and (ckpt.root / tokenizer).is_file():
