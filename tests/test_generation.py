@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -285,6 +287,56 @@ def _drop_dead_positions(executable) -> None:
         batch.step()
     for group, expected in zip(groups, alone):
         assert [b.tokens for b in group.result] == [b.tokens for b in expected]
+
+
+class _ThreadNoting(BaseStrategy):
+    """BaseStrategy whose generations note the threads they draw on."""
+
+    def __init__(self, threads: set, **options):
+        super().__init__(**options)
+        self.threads = threads
+
+    def start(self, batch_size, end_tokens, generators=None):
+        run, threads = super().start(batch_size, end_tokens, generators), self.threads
+        step = run.step
+
+        def noting_step(logits, tokens):
+            threads.add(threading.current_thread().name)
+            return step(logits, tokens)
+
+        run.step = noting_step
+        return run
+
+
+def _run_batch(executable, inputs, strategies, generators, sampling_threads):
+    batch = Batch(executable, S, sampling_threads=sampling_threads)
+    groups = batch.join(inputs, strategies, generators)
+    while batch.groups:
+        batch.step()
+    return [[b.tokens for b in g.result] for g in groups]
+
+
+def test_generations_draw_in_parallel_and_each_gets_what_it_gets_alone(tiny_checkpoint):
+    """On several cores the generations of a batch draw at once (a large vocabulary's sort and
+    draw is most of a many-row step); each draws from its own generator, exactly as alone.
+    Generations sharing a generator draw in turn, in the batch's order."""
+    executable = glmc.load(tiny_checkpoint, backend="torch").executable
+    inputs = [_input([11, 12, S.mask, 13], 24), _input([41, S.mask], 24), _input([21, 22, 23, S.gmask], 24),
+              _input([31, S.mask, 32], 24)]
+    threads: set = set()
+    strategies = [_ThreadNoting(threads, temperature=1.3, top_p=0.95, seed=seed) for seed in range(4)]
+    alone = [_run_batch(executable, [i], [s], [s.generator()], 1)[0] for i, s in zip(inputs, strategies)]
+    threads.clear()
+    together = _run_batch(executable, inputs, strategies, [s.generator() for s in strategies], 4)
+    assert together == alone
+    assert len(threads - {threading.current_thread().name}) > 1  # they drew on several workers
+
+    threads.clear()
+    shared = [torch.Generator().manual_seed(7)] * 4
+    in_turn = _run_batch(executable, inputs, strategies, shared, 1)
+    shared = [torch.Generator().manual_seed(7)] * 4
+    assert _run_batch(executable, inputs, strategies, shared, 4) == in_turn
+    assert threads == {threading.current_thread().name}
 
 
 def test_a_generation_whose_own_draw_fails_leaves_and_the_others_go_on(tiny_checkpoint):

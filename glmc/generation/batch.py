@@ -7,17 +7,19 @@ column; padding is masked out and takes position 0, so each row computes what it
 alone. A cycle (`step`) is: new generations join (their contexts prefilled together,
 their cache rows merged into the batch's, the shorter side left-padded); every
 generation picks its next tokens from its last logits (its own strategy, its own
-generator); finished generations leave (their rows dropped from the cache); the rest
-decode one token together. When generations join, the cache's leading positions that
-are padding in every remaining row (left by generations that have left) are dropped, so
-the cache stays as long as the longest live row, not the batch's history. A generation
-whose step fails on its own input (its sampling, not the model) finishes with `error`
-and the others go on. `generate` runs a fixed list of inputs this way; the server
-keeps a batch running and adds requests as they come (continuous batching).
+generator; on several cores they draw in parallel, which changes no draw); finished
+generations leave (their rows dropped from the cache); the rest decode one token
+together. When generations join, the cache's leading positions that are padding in
+every remaining row (left by generations that have left) are dropped, so the cache
+stays as long as the longest live row, not the batch's history. A generation whose
+step fails on its own input (its sampling, not the model) finishes with `error` and
+the others go on. `generate` runs a fixed list of inputs this way; the server keeps a
+batch running and adds requests as they come (continuous batching).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -37,6 +39,7 @@ class Group:
 
     input: "GenerationInput"
     run: object  # the strategy's state for this generation (a Sampling or BeamSearch)
+    generator: torch.Generator  # what its strategy draws from
     on_step: Callable[[list[list[int]]], None] | None = None  # sees the group's token lists after each step
     beams: list[list[int]] = field(default_factory=list)  # token lists of its rows, context first
     steps: int = 0  # tokens generated so far
@@ -53,9 +56,20 @@ class Group:
         return self.result is not None
 
 
+Drawn = tuple[Tokens, list[int]] | GlmcError  # a group's step: its token lists and beam parents, or why it failed
+# From this vocabulary size a row's sort and draw take milliseconds and groups draw in parallel;
+# below it a draw is mostly Python, and threads would only contend for the interpreter.
+PARALLEL_SAMPLING_VOCAB = 32768
+
+
 class Batch:
-    def __init__(self, executable: "Executable", special: "SpecialTokens", device: torch.device | str = "cpu"):
+    def __init__(self, executable: "Executable", special: "SpecialTokens", device: torch.device | str = "cpu",
+                 sampling_threads: int | None = None):
         self.executable, self.special, self.device = executable, special, device
+        # Sampling is on the CPU whatever the model's device: a sort and a draw over the whole
+        # vocabulary per row, most of a many-row step on CPU unless the cores share it.
+        # None: every intra-op thread for a large vocabulary (PARALLEL_SAMPLING_VOCAB), else one.
+        self.sampling_threads = sampling_threads
         self.groups: list[Group] = []
         self.cache = None
         self.key_masked = torch.zeros(0, 0, dtype=torch.bool)  # [rows, keys]: True = masked (padding)
@@ -102,7 +116,7 @@ class Batch:
             mask[row, 0, :p, p:p + max(n - 1, 1)] = False  # padding rows see the context: no empty softmax
         key_masked = torch.stack([torch.cat((torch.ones(p, dtype=torch.bool), i.attention_mask[-1]))
                                   for p, i in zip(pads, inputs)])
-        groups = [Group(i, s.start(1, self.special.end_tokens, [g]), (on_step or [None] * len(inputs))[k],
+        groups = [Group(i, s.start(1, self.special.end_tokens, [g]), g, (on_step or [None] * len(inputs))[k],
                         [list(i.tokens)]) for k, (i, s, g) in enumerate(zip(inputs, strategies, generators))]
         skip = self.dead_columns
         length = max(width, self.length - skip)
@@ -125,15 +139,14 @@ class Batch:
         Returns the generations that finished."""
         index: list[int] = []  # for each row after this step, the cache row it continues
         finished, offset = [], 0
-        for group in self.groups:
+        for group, drawn in zip(self.groups, self._draw()):
             rows = group.rows
-            try:
-                beams, parents = group.run.step(group.logits.reshape(1, rows, -1).cpu(), [group.beams])
-            except GlmcError as error:  # this generation's own draw (e.g. a temperature that overflows)
-                group.error, group.result = str(error), []
+            if isinstance(drawn, GlmcError):  # this generation's own draw (e.g. a temperature that overflows)
+                group.error, group.result = str(drawn), []
                 finished.append(group)
                 offset += rows
                 continue
+            beams, parents = drawn
             group.beams, group.steps, group.logits = beams[0], group.steps + 1, None
             if group.on_step is not None:
                 group.on_step(group.beams)
@@ -150,6 +163,20 @@ class Batch:
         if self.groups:
             self._decode()
         return finished
+
+    def _draw(self) -> list[Drawn]:
+        """Every group's step on its last logits. Groups draw from their own generators, so they
+        may draw at once, each exactly as alone; where two share a generator, all draw in turn."""
+        threads = self.sampling_threads
+        if threads is None:
+            vocab = self.groups[0].logits.shape[-1] if self.groups else 0
+            threads = torch.get_num_threads() if vocab >= PARALLEL_SAMPLING_VOCAB else 1
+        workers = min(len(self.groups), threads)
+        generators = {id(g.generator) for g in self.groups}
+        if workers < 2 or len(generators) < len(self.groups):
+            return [_draw(g) for g in self.groups]
+        with ThreadPoolExecutor(workers, thread_name_prefix="glmc-sampling") as pool:
+            return list(pool.map(_draw, self.groups))
 
     def cancel(self, group: Group) -> None:
         """Drop a generation (its client left): its rows leave at once."""
@@ -185,6 +212,13 @@ class Batch:
         for group in self.groups:
             group.logits = logits[offset:offset + group.rows]
             offset += group.rows
+
+
+def _draw(group: Group) -> Drawn:
+    try:
+        return group.run.step(group.logits.reshape(1, group.rows, -1).cpu(), [group.beams])
+    except GlmcError as error:
+        return error
 
 
 def _left_padded(key_masked: torch.Tensor, length: int) -> torch.Tensor:

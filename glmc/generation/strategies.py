@@ -46,6 +46,11 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0)
         # The softmax's normaliser over the whole row, computed once, in float32.
         peak = logits.max(dim=-1, keepdim=True).values.float()
         total = torch.exp(logits.float() - peak).sum(dim=-1, keepdim=True)
+        # No token holds more than 1 / total of the mass: where even the most candidates cannot
+        # reach p (a flat row), the search would end in the sort anyway, so sort at once.
+        if bool((TOP_P_CANDIDATES[-1] / total < top_p * (1 - 1e-4)).all()):
+            logits.copy_(_sorted_top_p(logits, top_p))
+            return logits
         for count in TOP_P_CANDIDATES:
             count = min(count, vocab)
             values, indices = torch.topk(logits, count, dim=-1)  # best first
