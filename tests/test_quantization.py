@@ -48,7 +48,7 @@ from glmc.quantization import (
     quantize,
 )
 from conftest import run_ort
-from tolerances import assert_close, quantized_limit
+from tolerances import assert_close, half_precision_limit, quantized_limit
 
 MATRICES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 PROMPTS = [[11, 12, 13, 14, 15, 16, 17, 18], [21, 22, S.mask, 23, 24], [31, S.gmask], [41, 42, S.smask, 43, 44, 45],
@@ -365,6 +365,65 @@ def test_tensor_parallel_packages(packages, reference_of, name, backend):
     with glmc.load(packages[name], backend=backend, tp_size=tp) as model:
         logits, _ = model.logits(*inputs)
     check(reference_of, name, backend, logits, inputs, np.s_[:], f"{name} on {backend} at TP {tp}")
+
+
+HALF_RUNS = [("float16", "onnxruntime"), ("float16", "torch"), ("bfloat16", "torch")]  # ORT: no bf16 CPU kernels
+
+
+@pytest.fixture(scope="module")
+def one_layer_codes(tmp_path_factory):
+    """bits -> a one-layer glm-tiny with wide random weights, quantized by `glmc convert`. Half
+    precision's distance from fp32 grows layer by layer through wide random weights; at one layer
+    it stays small enough that a wrong scale shows above it."""
+    root = tmp_path_factory.mktemp("one-layer")
+    model = init_wide_random_(GLMModel(dataclasses.replace(PRESETS["glm-tiny"], num_layers=1)), seed=21)
+    save_checkpoint(root / "float", model.config, [model_state(model)], iteration="1",
+                    metadata={"special_tokens": S.to_dict()})
+    ckpt = SatCheckpoint.open(root / "float")
+    return {bits: convert_checkpoint(ckpt, root / f"int{bits}", 1, quantization_bits=bits) for bits in (8, 4)}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype,backend", HALF_RUNS, ids=[f"{d}-{b}" for d, b in HALF_RUNS])
+def test_half_precision_packages_agree_with_the_reference_in_their_dtype(one_layer_codes, tmp_path, bits, dtype,
+                                                                         backend):
+    """GLM-130B runs its int8/int4 codes with fp16 activations: a float16 (or bfloat16) package of
+    the codes against the reference model run in that dtype on the dequantized weights, whole
+    sequences and cached decode, within `half_precision_limit` (twice the reference's own distance
+    from its fp32 run). ONNX Runtime multiplies with MatMulNBits on fp16 scales, by the products
+    q * scale unrounded where GLM rounds them to fp16: its limit adds `quantized_limit`, as in fp32.
+    bf16, which MatMulNBits does not take, lowers to DequantizeLinear + MatMul."""
+    package = export(one_layer_codes[bits], tmp_path / "pkg", dtype=dtype)
+    matrices = len(MATRICES) * Package.open(package).config.num_layers
+    graph = onnx.load(str(Package.open(package).graph_path(0, "step")), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    if dtype == "float16":
+        scales = {t.name: t.data_type for t in graph.initializer}
+        assert len(nbits) == matrices and {scales[n.input[2]] for n in nbits} == {onnx.TensorProto.FLOAT16}
+    else:
+        assert not nbits and sum(n.op_type == "DequantizeLinear" for n in graph.node) == matrices
+    reference32 = dequantized_reference(one_layer_codes[bits], tmp_path / "dequantized")
+    reference = glmc.load(tmp_path / "dequantized", backend="torch", dtype=dtype)
+    model = glmc.load(package, backend=backend, dtype=dtype)  # torch on CPU would otherwise compute in fp32
+    tokens, positions, mask = inputs = glm_inputs(seed=5)
+    with torch.no_grad():
+        exact = reference32.executable.model(*inputs).logits
+        expected = reference.executable.model(*inputs).logits
+    limit = half_precision_limit(expected, exact, dtype)
+    if backend == "onnxruntime":
+        products = dequantized_reference(one_layer_codes[bits], tmp_path / "products", exact=True)
+        with torch.no_grad():
+            limit += quantized_limit(exact, products.executable.model(*inputs).logits, bits)
+    logits, _ = model.logits(tokens, positions, mask)
+    assert_close(logits, expected, dtype, f"int{bits} {dtype} on {backend}: logits", limit=limit)
+    logits, cache = model.executable.prefill(tokens[:, :9], positions[:, :9], mask[..., :9, :9])
+    steps = [logits[:, -1]]
+    for i in range(9, 13):
+        logits, cache = model.executable.decode(tokens[:, i:i + 1], positions[:, i:i + 1], mask[..., i:i + 1, :i + 1],
+                                                cache)
+        steps.append(logits[:, -1])
+    assert_close(torch.stack(steps, 1), expected[:, 8:13], dtype, f"int{bits} {dtype} on {backend}: cached decode",
+                 limit=limit)
 
 
 # --- the pass: ops after it, numerics against eager PyTorch, a declined case ------------------
