@@ -165,6 +165,8 @@ def test_raw_event_stream_ends_in_done_with_usage(server):
     whole = server.client().post("/v1/completions", json={**body, "stream": False, "stream_options": None}).json()
     assert [c["text"] for c in whole["choices"]] == [texts[0], texts[1]]
     assert whole["usage"] == usage["usage"]
+    single = server.client().post("/v1/completions", json={**body, "n": 1, "stream": False, "stream_options": None})
+    assert whole["usage"]["prompt_tokens"] == single.json()["usage"]["prompt_tokens"]  # once, whatever n
 
 
 def test_choices_draw_from_seed_plus_their_index(server, embedded):

@@ -281,7 +281,7 @@ class _Service:
                 job.add(prompt, strategy, new_generator((seed + choice) % (protocol.SEED_MAX + 1)),
                         len(prompt.ids) + 1 + req.max_tokens)
         self._submit(job)
-        prompt_tokens = sum(len(p.ids) + 1 for p in prompts) * req.n
+        prompt_tokens = sum(len(p.ids) + 1 for p in prompts)  # once per prompt whatever `n`, as OpenAI counts
         choices = [_Choice(TextStream(req.stop)) for _ in job.tasks]
         state = _Progress(self, request, job, events, choices, req, arrived)
         meta = (protocol.new_id("cmpl"), protocol.now(), req.model)
