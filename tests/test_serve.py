@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -388,6 +389,33 @@ def test_a_full_queue_gets_429_and_sigterm_drains():
         assert server.stop() == 0
         assert "glmc: stopped" in server.stderr and "Traceback" not in server.stderr
     finally:
+        server.stop(signal.SIGKILL)
+
+
+def test_requests_past_the_in_flight_limit_get_503_json():
+    """Slow clients (a body that never arrives) can hold only so many handlers: past the limit
+    (2 x (queue + rows) + 16: 20 here) a request gets 503 with OpenAI's error JSON and
+    Retry-After, not uvicorn's plain text; once they leave, requests are served again."""
+    server = Server("--max-batch-rows", "1", "--max-queue", "1", "--request-timeout", "60")
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    stalled = []
+    try:
+        for _ in range(20):
+            sock = socket.create_connection((host, int(port)), timeout=30)
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{")  # and the other 99 bytes never come
+            stalled.append(sock)
+        refused = until(lambda: (r := server.get("/v1/models")).status_code == 503 and r, "a 503")
+        assert refused.headers["retry-after"] == "1" and refused.headers["content-type"] == "application/json"
+        assert refused.json()["error"]["code"] == "server_busy" and "20 requests" in refused.json()["error"]["message"]
+        for sock in stalled:
+            sock.close()
+        until(lambda: server.get("/v1/models").status_code == 200, "a request served again")
+        assert server.stop() == 0
+        assert "503 GET /v1/models" in server.stderr and "Traceback" not in server.stderr
+    finally:
+        for sock in stalled:
+            sock.close()
         server.stop(signal.SIGKILL)
 
 

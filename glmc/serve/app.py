@@ -133,6 +133,34 @@ def create_app(glm, engine: Engine, metrics: Metrics, settings: AppSettings) -> 
     return app
 
 
+def limit_in_flight(app, limit: int, metrics: Metrics):
+    """`app` handling at most `limit` HTTP requests at once (running, queued, being read or
+    answered): beyond, 503 with OpenAI's error JSON and Retry-After, before any work. The
+    queue's 429 comes first in practice; this bounds what slow clients (a body that never
+    arrives, a stream read slowly) can hold. uvicorn's own limit would answer in plain text."""
+    in_flight = 0
+
+    async def limited(scope, receive, send) -> None:
+        nonlocal in_flight
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        if in_flight >= limit:
+            error = ApiError(503, f"the server is handling {limit} requests, as many as it takes; retry later",
+                             "server_error", None, "server_busy", {"Retry-After": str(RETRY_AFTER_SECONDS)})
+            metrics.requests.labels(scope.get("path", ""), "overloaded").inc()
+            log.warning("503 %s %s: %s", scope.get("method", ""), scope.get("path", ""), error.message)
+            await JSONResponse(error.body(), status_code=503, headers=error.headers)(scope, receive, send)
+            return
+        in_flight += 1
+        try:
+            await app(scope, receive, send)
+        finally:
+            in_flight -= 1
+
+    return limited
+
+
 def _error_response(request: Request, error: ApiError, metrics: Metrics) -> JSONResponse:
     outcome = {400: "bad_request", 404: "bad_request", 413: "bad_request", 429: "overloaded"}.get(
         error.status, "error" if error.status >= 500 else "bad_request")

@@ -36,6 +36,12 @@ class ServeSettings:
     request_timeout: float = 600.0  # seconds from a request's arrival to its last token
 
 
+def max_requests_in_flight(settings: ServeSettings) -> int:
+    """HTTP requests handled at once: every queued and running one, as many being read or
+    refused, and a margin for /health and /metrics; more get 503."""
+    return 2 * (settings.max_queue + settings.max_batch_rows) + 16
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (port 0: one the system picks)."""
     try:
@@ -55,14 +61,15 @@ def serve(glm, settings: ServeSettings, sock: socket.socket,
     """Serve `glm` on `sock` until SIGINT/SIGTERM (drained) or the model fails (GlmcError)."""
     import uvicorn
 
-    from glmc.serve.app import AppSettings, create_app
+    from glmc.serve.app import AppSettings, create_app, limit_in_flight
     from glmc.serve.engine import Engine
     from glmc.serve.metrics import Metrics
 
     metrics = Metrics()
     engine = Engine(glm, max_rows=settings.max_batch_rows, max_queue=settings.max_queue, metrics=metrics)
-    app = create_app(glm, engine, metrics, AppSettings(settings.model_name, settings.max_batch_rows,
-                                                       settings.max_body_bytes, settings.request_timeout))
+    app = limit_in_flight(create_app(glm, engine, metrics, AppSettings(
+        settings.model_name, settings.max_batch_rows, settings.max_body_bytes, settings.request_timeout)),
+        max_requests_in_flight(settings), metrics)
     async def application(scope, receive, send) -> None:
         try:
             await app(scope, receive, send)
@@ -74,7 +81,8 @@ def serve(glm, settings: ServeSettings, sock: socket.socket,
 
     config = uvicorn.Config(application, log_config=None, access_log=False, lifespan="off",
                             timeout_graceful_shutdown=max(1, round(settings.drain_timeout)),
-                            limit_concurrency=2 * (settings.max_queue + settings.max_batch_rows) + 16,
+                            # A backstop counting idle keep-alive connections too; requests meet ours first.
+                            limit_concurrency=2 * max_requests_in_flight(settings),
                             timeout_keep_alive=5)
     server = uvicorn.Server(config)
 
