@@ -330,6 +330,16 @@ def test_bad_requests_get_openai_errors_and_one_log_line(server, path, body, sta
     assert len(new) == 1 and str(status) in new[0] and "\n" not in new[0], new
 
 
+def test_unknown_paths_share_one_metrics_label(server):
+    """A client making up paths cannot grow the metrics: every unknown path counts as "other"."""
+    before = server.metric("glmc_requests_total", endpoint="other", outcome="bad_request")
+    for k in range(3):
+        assert server.get(f"/made-up/{k}").status_code == 404
+    text = server.get("/metrics").text
+    assert "/made-up/" not in text
+    assert server.metric("glmc_requests_total", endpoint="other", outcome="bad_request") == before + 3
+
+
 def test_openai_client_sees_bad_request(server):
     with pytest.raises(openai.BadRequestError) as caught:
         server.openai().completions.create(model=MODEL, prompt="Hello", max_tokens=600)

@@ -36,6 +36,7 @@ log = logging.getLogger("glmc.serve")
 
 POLL_SECONDS = 0.25  # a request waiting for tokens looks at its client this often
 RETRY_AFTER_SECONDS = 1
+ENDPOINTS = ("/v1/completions", "/v1/generate", "/v1/models", "/health", "/metrics")
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ def limit_in_flight(app, limit: int, metrics: Metrics):
         if in_flight >= limit:
             error = ApiError(503, f"the server is handling {limit} requests, as many as it takes; retry later",
                              "server_error", None, "server_busy", {"Retry-After": str(RETRY_AFTER_SECONDS)})
-            metrics.requests.labels(scope.get("path", ""), "overloaded").inc()
+            metrics.requests.labels(endpoint_label(scope.get("path", "")), "overloaded").inc()
             log.warning("503 %s %s: %s", scope.get("method", ""), scope.get("path", ""), error.message)
             await JSONResponse(error.body(), status_code=503, headers=error.headers)(scope, receive, send)
             return
@@ -161,10 +162,16 @@ def limit_in_flight(app, limit: int, metrics: Metrics):
     return limited
 
 
+def endpoint_label(path: str) -> str:
+    """The metrics' endpoint: a served route, else "other" (a label per unknown path a client
+    makes up would grow the metrics without bound)."""
+    return path if path in ENDPOINTS else "other"
+
+
 def _error_response(request: Request, error: ApiError, metrics: Metrics) -> JSONResponse:
     outcome = {400: "bad_request", 404: "bad_request", 413: "bad_request", 429: "overloaded"}.get(
         error.status, "error" if error.status >= 500 else "bad_request")
-    metrics.requests.labels(request.url.path, outcome).inc()
+    metrics.requests.labels(endpoint_label(request.url.path), outcome).inc()
     log.warning("%d %s %s: %s", error.status, request.method, request.url.path, error.message)
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
