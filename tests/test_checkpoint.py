@@ -351,6 +351,33 @@ def test_convert_peak_memory_stays_near_one_target_rank(tmp_path):
     assert SatCheckpoint.open(tmp_path / "dst").tp_size == 4
 
 
+TRIM_SCRIPT = """
+import json, sys, torch
+from glmc.memory import return_freed_memory, rss_bytes
+before = rss_bytes()
+blocks = [torch.ones(6400) for _ in range(4000)]  # 25 KiB each, 100 MiB: below malloc's mmap threshold
+keep = torch.ones(6400)  # above them on the heap: the heap's top cannot shrink past it
+del blocks
+held = rss_bytes() - before
+if sys.argv[1] == "trim":
+    return_freed_memory()
+print(json.dumps({"held": held, "after": rss_bytes() - before}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's (Linux)")
+def test_freed_heap_memory_is_handed_back():
+    """What convert does between target ranks: freed tensors below a live one stay resident in
+    glibc's heap until handed back."""
+    usage = {}
+    for mode in ("keep", "trim"):
+        result = subprocess.run([sys.executable, "-c", TRIM_SCRIPT, mode], capture_output=True, text=True,
+                                check=True, timeout=120)
+        usage[mode] = json.loads(result.stdout)
+    assert usage["keep"]["held"] > 80 * 2**20 and usage["keep"]["after"] > 80 * 2**20  # glibc keeps them
+    assert usage["trim"]["held"] > 80 * 2**20 and usage["trim"]["after"] < 20 * 2**20
+
+
 @pytest.mark.parametrize("content,message", [
     ("{not json", "not valid JSON"),
     ('{"num_layers": 3}', "missing hidden_size"),
