@@ -421,6 +421,7 @@ def test_requests_past_the_in_flight_limit_get_503_json():
         for sock in stalled:
             sock.close()
         until(lambda: server.get("/v1/models").status_code == 200, "a request served again")
+        assert server.metric("glmc_requests_total", endpoint="/v1/models", outcome="overloaded") >= 1
         assert server.stop() == 0
         assert "503 GET /v1/models" in server.stderr and "Traceback" not in server.stderr
     finally:

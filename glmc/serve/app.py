@@ -149,9 +149,8 @@ def limit_in_flight(app, limit: int, metrics: Metrics):
         if in_flight >= limit:
             error = ApiError(503, f"the server is handling {limit} requests, as many as it takes; retry later",
                              "server_error", None, "server_busy", {"Retry-After": str(RETRY_AFTER_SECONDS)})
-            metrics.requests.labels(endpoint_label(scope.get("path", "")), "overloaded").inc()
-            log.warning("503 %s %s: %s", scope.get("method", ""), scope.get("path", ""), error.message)
-            await JSONResponse(error.body(), status_code=503, headers=error.headers)(scope, receive, send)
+            response = _error_response(Request(scope), error, metrics, outcome="overloaded")
+            await response(scope, receive, send)
             return
         in_flight += 1
         try:
@@ -168,8 +167,9 @@ def endpoint_label(path: str) -> str:
     return path if path in ENDPOINTS else "other"
 
 
-def _error_response(request: Request, error: ApiError, metrics: Metrics) -> JSONResponse:
-    outcome = {400: "bad_request", 404: "bad_request", 413: "bad_request", 429: "overloaded"}.get(
+def _error_response(request: Request, error: ApiError, metrics: Metrics, outcome: str | None = None) -> JSONResponse:
+    """OpenAI's error JSON, counted under `outcome` (default: from the status) and logged in one line."""
+    outcome = outcome or {400: "bad_request", 404: "bad_request", 413: "bad_request", 429: "overloaded"}.get(
         error.status, "error" if error.status >= 500 else "bad_request")
     metrics.requests.labels(endpoint_label(request.url.path), outcome).inc()
     log.warning("%d %s %s: %s", error.status, request.method, request.url.path, error.message)
