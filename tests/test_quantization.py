@@ -394,8 +394,9 @@ def test_half_precision_packages_agree_with_the_reference_in_their_dtype(one_lay
     q * scale unrounded where GLM rounds them to fp16: its limit adds `quantized_limit`, as in fp32.
     bf16, which MatMulNBits does not take, lowers to DequantizeLinear + MatMul."""
     package = export(one_layer_codes[bits], tmp_path / "pkg", dtype=dtype)
-    matrices = len(MATRICES) * Package.open(package).config.num_layers
-    graph = onnx.load(str(Package.open(package).graph_path(0, "step")), load_external_data=False).graph
+    opened = Package.open(package)
+    matrices = len(MATRICES) * opened.config.num_layers
+    graph = onnx.load(str(opened.graph_path(0, "step")), load_external_data=False).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     if dtype == "float16":
         scales = {t.name: t.data_type for t in graph.initializer}
